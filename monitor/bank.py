@@ -1,0 +1,212 @@
+"""The detector bank: every probe on every token, inside the forward pass, on the model's device.
+
+Probes that read the same hook point are stacked into one weight matrix, so a hook point costs
+one matmul however many probes read it (plus one small matmul when MLP probes are present).
+Per-token logits land in a step buffer; `BankState.update` folds them into per-row running
+aggregates (last, mean, max, EMA, rolling max) with padding masked out. Nothing here leaves the
+device: the runner moves one tensor to the host per forward step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from monitor.hooks import HookPoint
+from probes.kinds.base import ScoringHead
+
+AGGREGATIONS = ("last", "mean", "max", "ema", "rolling_max")
+
+
+@dataclass
+class Detector:
+    """One loaded probe as the bank sees it."""
+
+    id: str
+    version: str
+    hook_point: HookPoint
+    head: ScoringHead
+    aggregation: str = "mean"
+    alpha: float | None = None  # ema
+    window: int | None = None  # rolling_max
+    threshold: float = 0.5
+    manifest: object | None = field(default=None, repr=False)
+
+    def __post_init__(self):
+        if self.aggregation not in AGGREGATIONS:
+            raise ValueError(f"detector {self.id!r}: unknown aggregation {self.aggregation!r}")
+        if self.aggregation == "ema" and not (self.alpha and 0 < self.alpha <= 1):
+            raise ValueError(f"detector {self.id!r}: ema aggregation needs 0 < alpha <= 1")
+        if self.aggregation == "rolling_max" and not (self.window and self.window >= 1):
+            raise ValueError(f"detector {self.id!r}: rolling_max aggregation needs window >= 1")
+
+    @classmethod
+    def from_pack(cls, pack) -> Detector:
+        m = pack.manifest
+        return cls(
+            id=m.id,
+            version=m.version,
+            hook_point=HookPoint.parse(m.hook_point),
+            head=pack.head(),
+            aggregation=m.aggregation.kind,
+            alpha=m.aggregation.alpha,
+            window=m.aggregation.window,
+            threshold=m.threshold,
+            manifest=m,
+        )
+
+
+class HookGroup:
+    """The fused scoring weights for all probes that read one hook point."""
+
+    def __init__(self, point: HookPoint, heads: list[ScoringHead], slots: list[int], device, dtype):
+        self.point = point
+        self.slots = torch.tensor(slots, device=device)
+        w1 = torch.cat([h.w1 for h in heads], dim=1)
+        b1 = torch.cat([h.b1 for h in heads])
+        self.w1 = w1.to(device=device, dtype=dtype)
+        self.b1 = b1.to(device=device, dtype=dtype)
+        self.matmuls = 1
+        self.w2 = self.b2 = self.relu_cols = None
+        if any(h.w2 is not None for h in heads):
+            # Second stage maps hidden columns to probe logits: identity for affine columns,
+            # the probe's output weights for MLP columns (a block-diagonal matrix).
+            w2 = torch.zeros(w1.shape[1], len(heads))
+            b2 = torch.zeros(len(heads))
+            relu = torch.zeros(w1.shape[1], dtype=torch.bool)
+            col = 0
+            for j, h in enumerate(heads):
+                if h.w2 is None:
+                    w2[col, j] = 1.0
+                else:
+                    w2[col : col + h.width, j] = h.w2
+                    b2[j] = h.b2
+                    relu[col : col + h.width] = True
+                col += h.width
+            self.w2, self.b2 = w2.to(device=device, dtype=dtype), b2.to(device=device, dtype=dtype)
+            self.relu_cols = relu.to(device)
+            self.matmuls = 2
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """[batch, seq, d_model] -> [batch, seq, probes] in fp32."""
+        z = torch.addmm(self.b1, h.reshape(-1, h.shape[-1]).to(self.w1.dtype), self.w1)
+        if self.w2 is not None:
+            z = torch.addmm(self.b2, torch.where(self.relu_cols, z.relu(), z), self.w2)
+        return z.float().view(*h.shape[:-1], -1)
+
+
+class DetectorBank:
+    """A fixed set of detectors, fused per hook point. Immutable: reload builds a new bank."""
+
+    def __init__(self, detectors: list[Detector], *, device="cpu", dtype=torch.float32):
+        ids = [d.id for d in detectors]
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"duplicate detector ids in bank: {sorted(ids)}")
+        self.detectors = list(detectors)
+        self.device = torch.device(device)
+        by_point: dict[HookPoint, list[int]] = {}
+        for slot, det in enumerate(detectors):
+            by_point.setdefault(det.hook_point, []).append(slot)
+        self.groups = {
+            point: HookGroup(point, [detectors[s].head for s in slots], slots, self.device, dtype)
+            for point, slots in sorted(by_point.items())
+        }
+        p = len(detectors)
+        code = {name: i for i, name in enumerate(AGGREGATIONS)}
+        self.agg_code = torch.tensor([code[d.aggregation] for d in detectors], device=self.device, dtype=torch.long)
+        self.alpha = torch.tensor([d.alpha or 1.0 for d in detectors], device=self.device)
+        windows = [d.window or 1 for d in detectors]
+        self.max_window = max(windows, default=1)
+        # window_mask[k, p]: whether the k-th most recent token is inside probe p's window
+        self.window_mask = torch.arange(self.max_window, device=self.device)[:, None] < torch.tensor(
+            windows, device=self.device
+        )
+        self.thresholds = torch.tensor([d.threshold for d in detectors], device=self.device)
+        self.size = p
+
+    @property
+    def ids(self) -> list[str]:
+        return [d.id for d in self.detectors]
+
+    @property
+    def hook_points(self) -> list[HookPoint]:
+        return list(self.groups)
+
+    @property
+    def deepest(self) -> HookPoint | None:
+        return max(self.groups, default=None)
+
+    def state(self, rows: int) -> BankState:
+        return BankState(self, rows)
+
+
+class BankState:
+    """Per-row running aggregates for one batch of requests, kept on the device."""
+
+    def __init__(self, bank: DetectorBank, rows: int):
+        self.bank = bank
+        dev, p = bank.device, bank.size
+        self.count = torch.zeros(rows, 1, device=dev)
+        self.sum = torch.zeros(rows, p, device=dev)
+        self.max = torch.full((rows, p), -torch.inf, device=dev)
+        self.last = torch.zeros(rows, p, device=dev)
+        self.ema = torch.zeros(rows, p, device=dev)
+        self.ema_decay = torch.ones(rows, p, device=dev)  # (1 - alpha) ** count, for bias correction
+        self.recent = torch.full((rows, bank.max_window, p), -torch.inf, device=dev)  # most recent first
+        self.step_logits: torch.Tensor | None = None
+
+    def begin_step(self, rows: int, seq: int) -> None:
+        self.step_logits = torch.zeros(rows, seq, self.bank.size, device=self.bank.device)
+
+    def record(self, group: HookGroup, h: torch.Tensor) -> None:
+        """Called from the forward hook: score this hook point's probes on every token."""
+        self.step_logits.index_copy_(2, group.slots, group.logits(h))
+
+    def update(self, mask: torch.Tensor) -> torch.Tensor:
+        """Fold the step's logits into the aggregates; `mask` [rows, seq] marks scored tokens.
+
+        Returns the aggregate logits [rows, probes] after this step.
+        """
+        x, m = self.step_logits, mask.bool()
+        mf = m[..., None]
+        n = m.sum(1, keepdim=True).float()  # [rows, 1]
+        # rank of each scored token counted from the end of the step (0 = most recent)
+        after = (m.flip(1).cumsum(1).flip(1) - m.long())[..., None].float()  # [rows, seq, 1]
+
+        self.count += n
+        self.sum += torch.where(mf, x, 0.0).sum(1)
+        self.max = torch.maximum(self.max, torch.where(mf, x, -torch.inf).amax(1))
+        has = n > 0
+        last_idx = torch.where(m, torch.arange(m.shape[1], device=m.device), -1).amax(1).clamp(min=0)
+        self.last = torch.where(has, x[torch.arange(x.shape[0], device=x.device), last_idx], self.last)
+
+        keep = 1.0 - self.bank.alpha  # [probes]
+        weight = self.bank.alpha * keep.pow(after)  # [rows, seq, probes]
+        self.ema = self.ema * keep.pow(n) + torch.where(mf, weight * x, 0.0).sum(1)
+        self.ema_decay = self.ema_decay * keep.pow(n)
+
+        w = self.bank.max_window
+        k = torch.arange(w, device=x.device)
+        new = torch.full_like(self.recent, -torch.inf)
+        take = m & (after[..., 0] < w)
+        rows_idx, seq_idx = take.nonzero(as_tuple=True)
+        new[rows_idx, after[rows_idx, seq_idx, 0].long()] = x[rows_idx, seq_idx]
+        shift = (k[None, :] - n).long()  # [rows, w]: where old entry k now comes from
+        old = self.recent.gather(1, shift.clamp(min=0)[..., None].expand_as(self.recent))
+        self.recent = torch.where((shift >= 0)[..., None], old, new)
+        return self.aggregate()
+
+    def aggregate(self) -> torch.Tensor:
+        """Aggregate logit per row and probe under each probe's own aggregation."""
+        seen = self.count.clamp(min=1)
+        ema = self.ema / (1.0 - self.ema_decay).clamp(min=1e-12)
+        rolling = torch.where(self.bank.window_mask, self.recent, -torch.inf).amax(1)
+        candidates = torch.stack([self.last, self.sum / seen, self.max, ema, rolling])  # [5, rows, p]
+        out = candidates.gather(0, self.bank.agg_code.expand(1, *self.sum.shape)).squeeze(0)
+        return torch.where(self.count > 0, out, 0.0)
+
+    def select(self, rows: torch.Tensor) -> None:
+        """Keep only these rows (finished requests leave the batch)."""
+        for name in ("count", "sum", "max", "last", "ema", "ema_decay", "recent"):
+            setattr(self, name, getattr(self, name).index_select(0, rows))

@@ -1,0 +1,260 @@
+"""Batched, streaming generation with detector scores on every token.
+
+`Generation` owns one batch of requests: a single prefill, then one decode step per token over
+the KV cache (the prefix is never re-run). Each `step()` returns a `TokenEvent` per active row
+with that token's per-detector probabilities and the running aggregate. Between steps the caller
+may stop a row or switch steering on for it. Finished rows leave the batch (cache, bank state and
+steering plan are pruned together). One host transfer per step carries tokens and scores.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from transformers import DynamicCache
+
+from monitor.bank import DetectorBank
+from monitor.runner import Encoded, ModelRunner, _Pass
+from monitor.steering import Steering, SteeringPlan
+
+
+@dataclass
+class Sampling:
+    """Per-request sampling parameters; temperature 0 means greedy."""
+
+    max_new_tokens: int = 64
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        checks = {
+            "max_new_tokens": self.max_new_tokens >= 1,
+            "temperature": math.isfinite(self.temperature) and self.temperature >= 0,
+            "top_p": 0 < self.top_p <= 1,
+            "top_k": self.top_k >= 0,
+        }
+        for name, ok in checks.items():
+            if not ok:
+                raise ValueError(f"invalid sampling value {name}={getattr(self, name)!r}")
+
+
+@dataclass
+class TokenEvent:
+    row: int  # index of the request in the order given to Generation
+    index: int  # 0-based position among generated tokens
+    token_id: int
+    text: str  # newly decodable text (may be "" mid multi-byte character)
+    token_probs: np.ndarray  # [detectors]
+    aggregate: np.ndarray  # [detectors], running aggregate over prompt and generated tokens
+    finish_reason: str | None = None  # "stop", "length" or None while running
+
+
+@dataclass
+class _Row:
+    request: int
+    sampling: Sampling
+    generator: torch.Generator | None
+    ids: list[int] = field(default_factory=list)
+    text: str = ""
+    prefix_offset: int = 0
+    read_offset: int = 0
+
+
+class Generation:
+    def __init__(
+        self,
+        runner: ModelRunner,
+        prompts: list[Encoded],
+        sampling: list[Sampling],
+        bank: DetectorBank | None = None,
+        steering: list[list[Steering]] | None = None,
+    ):
+        if len(prompts) != len(sampling):
+            raise ValueError("one Sampling per prompt")
+        self.runner, self.bank = runner, bank
+        dev = runner.device
+        self.rows = []
+        for i, s in enumerate(sampling):
+            gen = None
+            if s.temperature > 0:
+                gen = torch.Generator(device=dev)
+                gen.manual_seed(s.seed if s.seed is not None else int(torch.randint(0, 2**62, ()).item()))
+            self.rows.append(_Row(i, s, gen))
+        self.plan = SteeringPlan(len(prompts), dev, runner.dtype)
+        for r, items in enumerate(steering or []):
+            for s in items:
+                self.plan.add(r, s)
+        self.state = bank.state(len(prompts)) if bank is not None and bank.size else None
+        self.prompts = prompts
+        self.prompt_aggregate: list[np.ndarray] | None = None
+        self.cache = DynamicCache()
+        self.batch = runner.batch(prompts)
+        self.mask = self.batch["attention_mask"]
+        self.next_tokens: torch.Tensor | None = None
+        self.eos = _eos_ids(runner)
+        self._handles: dict = {}
+        self._attach(bank.hook_points if self.state else [])
+        self._attach(self.plan.hook_points)
+
+    # ----------------------------------------------------------------- control between steps
+
+    @property
+    def done(self) -> bool:
+        return not self.rows
+
+    def active(self) -> list[int]:
+        return [r.request for r in self.rows]
+
+    def stop(self, request: int) -> None:
+        """Drop a request from the batch now (client gone, policy block...)."""
+        keep = [i for i, r in enumerate(self.rows) if r.request != request]
+        if len(keep) != len(self.rows):
+            self._select(keep)
+
+    def steer(self, request: int, steering: Steering) -> None:
+        """Switch steering on for one request from the next token on."""
+        row = self._row_index(request)
+        self._attach([steering.hook_point])
+        self.plan.add(row, steering)
+
+    def close(self) -> None:
+        for h in self._handles.values():
+            h.remove()
+        self._handles.clear()
+        self.rows = []
+
+    # ------------------------------------------------------------------------------ stepping
+
+    def step(self) -> list[TokenEvent]:
+        """Run one forward step (the prefill on the first call) and sample one token per row."""
+        if self.done:
+            return []
+        first = self.next_tokens is None
+        if first:
+            batch = self.batch
+            scored = batch["scored"]
+        else:
+            position = self.mask.sum(1, keepdim=True)  # real tokens so far = next position id
+            self.mask = torch.cat([self.mask, torch.ones_like(position)], 1)
+            batch = {"input_ids": self.next_tokens[:, None], "attention_mask": self.mask, "position_ids": position}
+            scored = torch.ones_like(position, dtype=torch.bool)
+        runner = self.runner
+        runner._pass = _Pass(bank_state=self.state, plan=self.plan, phase="prompt" if first else "generated")
+        if self.state is not None:
+            self.state.begin_step(*batch["input_ids"].shape)
+        try:
+            logits = runner.forward(batch, cache=self.cache)
+        finally:
+            runner._pass = _Pass()
+        tokens = sample(logits, [r.sampling for r in self.rows], [r.generator for r in self.rows])
+        parts = [tokens.float()[:, None]]
+        p = 0
+        if self.state is not None:
+            agg = self.state.update(scored).sigmoid()
+            parts += [self.state.step_logits[:, -1].sigmoid(), agg]
+            p = agg.shape[1]
+        host = torch.cat(parts, 1).cpu().numpy()  # the one host transfer of this step
+        self.next_tokens = tokens
+        if first and self.state is not None:
+            self.prompt_aggregate = [host[i, 1 + p :] for i in range(len(self.rows))]
+        return self._emit(host, p)
+
+    def __iter__(self):
+        try:
+            while not self.done:
+                yield self.step()
+        finally:
+            self.close()
+
+    # ------------------------------------------------------------------------------ helpers
+
+    def _emit(self, host: np.ndarray, p: int) -> list[TokenEvent]:
+        events, keep = [], []
+        for i, row in enumerate(self.rows):
+            tok = int(host[i, 0])
+            row.ids.append(tok)
+            piece = "" if tok in self.eos else self._decode(row)
+            row.text += piece
+            reason = None
+            if tok in self.eos or any(s in row.text for s in row.sampling.stop):
+                reason = "stop"
+            elif len(row.ids) >= row.sampling.max_new_tokens:
+                reason = "length"
+            events.append(
+                TokenEvent(row.request, len(row.ids) - 1, tok, piece, host[i, 1 : 1 + p], host[i, 1 + p :], reason)
+            )
+            if reason is None:
+                keep.append(i)
+        if len(keep) != len(self.rows):
+            self._select(keep)
+        return events
+
+    def _decode(self, row: _Row) -> str:
+        """Incremental detokenisation that never splits a multi-byte character."""
+        tok = self.runner.tokenizer
+        prefix = tok.decode(row.ids[row.prefix_offset : row.read_offset], skip_special_tokens=True)
+        full = tok.decode(row.ids[row.prefix_offset :], skip_special_tokens=True)
+        if len(full) > len(prefix) and not full.endswith("\ufffd"):
+            row.prefix_offset, row.read_offset = row.read_offset, len(row.ids)
+            return full[len(prefix) :]
+        return ""
+
+    def _select(self, keep: list[int]) -> None:
+        self.rows = [self.rows[i] for i in keep]
+        if not keep:
+            self.close()
+            return
+        idx = torch.tensor(keep, device=self.runner.device)
+        self.cache.batch_select_indices(idx)
+        self.mask = self.mask.index_select(0, idx)
+        if self.next_tokens is not None:
+            self.next_tokens = self.next_tokens.index_select(0, idx)
+        if self.state is not None:
+            self.state.select(idx)
+        self.plan.select(keep)
+
+    def _row_index(self, request: int) -> int:
+        for i, r in enumerate(self.rows):
+            if r.request == request:
+                return i
+        raise KeyError(f"request {request} is not running")
+
+    def _attach(self, points) -> None:
+        for point in points:
+            if point not in self._handles:
+                self._handles[point] = self.runner.hooks.attach(point, self.runner._hook(point))
+
+
+def _eos_ids(runner: ModelRunner) -> set[int]:
+    ids = {runner.tokenizer.eos_token_id}
+    cfg = getattr(runner.model, "generation_config", None)
+    extra = getattr(cfg, "eos_token_id", None)
+    ids.update(extra if isinstance(extra, list) else [extra])
+    return {i for i in ids if i is not None}
+
+
+def sample(logits: torch.Tensor, params: list[Sampling], generators: list) -> torch.Tensor:
+    """Per-row greedy / temperature / top-k / top-p sampling, on the device."""
+    greedy = logits.argmax(-1)
+    if all(p.temperature == 0 for p in params):
+        return greedy
+    dev = logits.device
+    temps = torch.tensor([p.temperature or 1.0 for p in params], device=dev)[:, None]
+    x, order = (logits.float() / temps).sort(-1, descending=True)
+    rank = torch.arange(x.shape[1], device=dev)
+    top_k = torch.tensor([p.top_k or x.shape[1] for p in params], device=dev)[:, None]
+    probs = x.softmax(-1)
+    top_p = torch.tensor([p.top_p for p in params], device=dev)[:, None]
+    drop = (rank >= top_k) | ((probs.cumsum(-1) - probs) > top_p)
+    x = x.masked_fill(drop, -torch.inf)
+    noise = torch.stack([torch.rand(x.shape[1], generator=g, device=dev) for g in generators])
+    choice = (x - torch.log(-torch.log(noise.clamp(min=1e-20)))).argmax(-1, keepdim=True)
+    sampled = order.gather(1, choice)[:, 0]
+    is_greedy = torch.tensor([p.temperature == 0 for p in params], device=dev)
+    return torch.where(is_greedy, greedy, sampled)

@@ -1,0 +1,336 @@
+"""Prometheus metrics for the latentwatch server.
+
+All metrics live in the ``Metrics.registry`` object (not the process-global
+default registry), are prefixed ``latentwatch_``, and follow Prometheus naming:
+counters end in ``_total``, durations are in seconds (``_seconds``).
+
+Label values are bounded. Every label takes its value from a closed set; an
+unknown value is recorded as ``"other"``. Detector labels take only the ids of
+the loaded detectors (see :meth:`Metrics.set_detectors`, to be called on every
+(re)load), so a client passing arbitrary detector ids cannot blow up the
+number of series.
+
+The metric objects are public attributes (prometheus-client ``Counter`` etc.);
+code should prefer the recording methods, which normalise label values.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+from prometheus_client import start_http_server as _start_http_server
+
+PREFIX = "latentwatch_"
+OTHER = "other"
+# Detector label for interventions not triggered by a detector (steering
+# requested to run from the start).
+NO_DETECTOR = "none"
+
+REQUEST_KINDS = ("generate", "score", "list_detectors", "get_alerts", "reload_detectors")
+# "blocked": a generation a detector policy stopped (the RPC itself succeeds).
+# The others are gRPC status codes in lower case.
+OUTCOMES = (
+    "ok",
+    "blocked",
+    "cancelled",
+    "invalid_argument",
+    "permission_denied",
+    "resource_exhausted",
+    "deadline_exceeded",
+    "unavailable",
+    "internal",
+)
+TOKEN_KINDS = ("prompt", "completion")
+BATCH_KINDS = ("generate", "score")
+FORWARD_KINDS = ("prefill", "decode", "score")
+ALERT_ACTIONS = ("alert", "block", "steer")
+INTERVENTION_KINDS = ("block", "steer")
+
+# Calibrated scores are in [0, 1]: 0.05, 0.10, ..., 1.0 (+Inf is implicit).
+SCORE_BUCKETS = tuple(round(0.05 * i, 2) for i in range(1, 21))
+# fmt: off
+# Request-level latencies: 1 ms .. 5 min.
+LATENCY_BUCKETS = (
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+    1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0,
+)
+# Per-token latencies: 1 ms .. 10 s.
+TOKEN_LATENCY_BUCKETS = (
+    0.001, 0.0025, 0.005, 0.01, 0.02, 0.035, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0,
+)
+# Monitoring work in one forward step: 10 us .. 1 s.
+OVERHEAD_BUCKETS = (
+    0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005,
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
+)
+# fmt: on
+BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+def _pick(value: str, allowed: Iterable[str]) -> str:
+    return value if value in allowed else OTHER
+
+
+class Metrics:
+    """The server's metrics, in their own ``CollectorRegistry``.
+
+    Attributes (name exposed to Prometheus; labels):
+
+    - ``requests``: ``latentwatch_requests_total``; kind, outcome
+    - ``tokens``: ``latentwatch_tokens_total``; kind (prompt/completion), outcome
+    - ``detector_score``: ``latentwatch_detector_score`` histogram; detector
+    - ``alerts``: ``latentwatch_alerts_total``; detector, action
+    - ``interventions``: ``latentwatch_interventions_total``; detector (trigger), kind
+    - ``time_to_first_token``: ``latentwatch_time_to_first_token_seconds``
+    - ``inter_token_latency``: ``latentwatch_inter_token_latency_seconds``
+    - ``request_duration``: ``latentwatch_request_duration_seconds``; kind
+    - ``monitor_overhead``: ``latentwatch_monitor_overhead_seconds_total``
+    - ``monitor_step_overhead``: ``latentwatch_monitor_step_overhead_seconds``
+    - ``scheduler_queue_depth``: ``latentwatch_scheduler_queue_depth`` gauge; kind
+    - ``batch_size``: ``latentwatch_batch_size`` histogram; kind (generate/score)
+    - ``storage_queue_depth``: ``latentwatch_storage_queue_depth`` gauge
+    - ``storage_write_failures``: ``latentwatch_storage_write_failures_total``
+    - ``forward_passes``: ``latentwatch_forward_passes_total``; kind
+      (prefill/decode/score)
+    """
+
+    def __init__(self, detectors: Iterable[str] = ()) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self._detectors: frozenset[str] = frozenset()
+
+        self.requests = Counter(
+            PREFIX + "requests",
+            "RPCs handled, by RPC kind and outcome.",
+            ["kind", "outcome"],
+            registry=r,
+        )
+        self.tokens = Counter(
+            PREFIX + "tokens",
+            "Tokens processed: prompt (read) or completion (generated).",
+            ["kind", "outcome"],
+            registry=r,
+        )
+        self.detector_score = Histogram(
+            PREFIX + "detector_score",
+            "Calibrated per-token detector scores in [0, 1].",
+            ["detector"],
+            buckets=SCORE_BUCKETS,
+            registry=r,
+        )
+        self.alerts = Counter(
+            PREFIX + "alerts",
+            "Detector alerts, by detector and the action taken.",
+            ["detector", "action"],
+            registry=r,
+        )
+        self.interventions = Counter(
+            PREFIX + "interventions",
+            "Interventions (block/steer), by triggering detector ('none' if untriggered).",
+            ["detector", "kind"],
+            registry=r,
+        )
+        self.time_to_first_token = Histogram(
+            PREFIX + "time_to_first_token_seconds",
+            "Time from receiving a Generate request to its first generated token.",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.inter_token_latency = Histogram(
+            PREFIX + "inter_token_latency_seconds",
+            "Time between consecutive generated tokens of one request.",
+            buckets=TOKEN_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.request_duration = Histogram(
+            PREFIX + "request_duration_seconds",
+            "End-to-end RPC latency.",
+            ["kind"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.monitor_overhead = Counter(
+            PREFIX + "monitor_overhead_seconds",
+            "Time spent in activation hooks and the detector bank.",
+            registry=r,
+        )
+        self.monitor_step_overhead = Histogram(
+            PREFIX + "monitor_step_overhead_seconds",
+            "Time spent in hooks and the detector bank per model forward step.",
+            buckets=OVERHEAD_BUCKETS,
+            registry=r,
+        )
+        self.scheduler_queue_depth = Gauge(
+            PREFIX + "scheduler_queue_depth",
+            "Requests waiting for the model scheduler.",
+            ["kind"],
+            registry=r,
+        )
+        self.batch_size = Histogram(
+            PREFIX + "batch_size",
+            "Sequences per batched model forward pass.",
+            ["kind"],
+            buckets=BATCH_SIZE_BUCKETS,
+            registry=r,
+        )
+        self.storage_queue_depth = Gauge(
+            PREFIX + "storage_queue_depth",
+            "Alert/intervention records waiting to be written.",
+            registry=r,
+        )
+        self.storage_write_failures = Counter(
+            PREFIX + "storage_write_failures",
+            "Failed alert/intervention record writes.",
+            registry=r,
+        )
+        self.forward_passes = Counter(
+            PREFIX + "forward_passes",
+            "Model forward passes, by kind.",
+            ["kind"],
+            registry=r,
+        )
+
+        # Create the fixed-label series up front so they read 0, not absent.
+        for kind in REQUEST_KINDS:
+            self.request_duration.labels(kind)
+            for outcome in ("ok", "internal"):
+                self.requests.labels(kind, outcome)
+        for kind in TOKEN_KINDS:
+            self.tokens.labels(kind, "ok")
+        for kind in BATCH_KINDS:
+            self.scheduler_queue_depth.labels(kind)
+            self.batch_size.labels(kind)
+        for kind in FORWARD_KINDS:
+            self.forward_passes.labels(kind)
+        self.set_detectors(detectors)
+
+    # -- detector label set -------------------------------------------------
+
+    @property
+    def detectors(self) -> frozenset[str]:
+        """Detector ids currently allowed as label values."""
+        return self._detectors
+
+    def set_detectors(self, detector_ids: Iterable[str]) -> None:
+        """Set the allowed detector label values; call on every (re)load.
+
+        Series of detectors no longer loaded are removed, so the number of
+        series stays bounded by the loaded detectors.
+        """
+        new = frozenset(str(d) for d in detector_ids) - {OTHER, NO_DETECTOR}
+        old = self._detectors
+        self._detectors = new
+        for det in old - new:
+            self._remove(self.detector_score, det)
+            for action in ALERT_ACTIONS:
+                self._remove(self.alerts, det, action)
+            for kind in INTERVENTION_KINDS:
+                self._remove(self.interventions, det, kind)
+        for det in new - old:
+            self.detector_score.labels(det)
+            for action in ALERT_ACTIONS:
+                self.alerts.labels(det, action)
+
+    @staticmethod
+    def _remove(metric, *labels: str) -> None:
+        try:
+            metric.remove(*labels)
+        except KeyError:
+            pass
+
+    def detector_label(self, detector_id: str) -> str:
+        """The label value for ``detector_id``: itself if loaded, else "other"."""
+        return detector_id if detector_id in self._detectors else OTHER
+
+    # -- recording ----------------------------------------------------------
+
+    def observe_request(self, kind: str, outcome: str, duration_s: float | None = None) -> None:
+        """Count a finished RPC and, if given, its end-to-end latency."""
+        kind = _pick(kind, REQUEST_KINDS)
+        self.requests.labels(kind, _pick(outcome, OUTCOMES)).inc()
+        if duration_s is not None:
+            self.request_duration.labels(kind).observe(duration_s)
+
+    def add_tokens(self, kind: str, count: int, outcome: str = "ok") -> None:
+        """Count ``count`` prompt or completion tokens."""
+        if count:
+            self.tokens.labels(_pick(kind, TOKEN_KINDS), _pick(outcome, OUTCOMES)).inc(count)
+
+    def observe_score(self, detector_id: str, score: float) -> None:
+        """Record one per-token detector score."""
+        self.detector_score.labels(self.detector_label(detector_id)).observe(score)
+
+    def observe_scores(self, scores: Mapping[str, float]) -> None:
+        """Record one token's scores, ``{detector_id: score}``."""
+        for det, score in scores.items():
+            self.observe_score(det, score)
+
+    def record_alert(self, detector_id: str, action: str) -> None:
+        """Count an alert; action is alert, block or steer."""
+        self.alerts.labels(self.detector_label(detector_id), _pick(action, ALERT_ACTIONS)).inc()
+
+    def record_intervention(self, detector_id: str | None, kind: str) -> None:
+        """Count an intervention (block/steer); detector_id None or "" if untriggered."""
+        det = self.detector_label(detector_id) if detector_id else NO_DETECTOR
+        self.interventions.labels(det, _pick(kind, INTERVENTION_KINDS)).inc()
+
+    def observe_time_to_first_token(self, seconds: float) -> None:
+        self.time_to_first_token.observe(seconds)
+
+    def observe_inter_token_latency(self, seconds: float) -> None:
+        self.inter_token_latency.observe(seconds)
+
+    def add_monitor_overhead(self, seconds: float) -> None:
+        """Record the hook + detector time of one forward step."""
+        self.monitor_overhead.inc(seconds)
+        self.monitor_step_overhead.observe(seconds)
+
+    def set_scheduler_queue_depth(self, kind: str, depth: int) -> None:
+        self.scheduler_queue_depth.labels(_pick(kind, BATCH_KINDS)).set(depth)
+
+    def observe_batch(self, kind: str, size: int, forward_kind: str | None = None) -> None:
+        """Record a batched forward pass of ``size`` sequences.
+
+        Also counts one forward pass of ``forward_kind`` (default: "score" for
+        score batches, "decode" for generate batches).
+        """
+        kind = _pick(kind, BATCH_KINDS)
+        self.batch_size.labels(kind).observe(size)
+        if forward_kind is None:
+            forward_kind = "score" if kind == "score" else "decode"
+        self.add_forward_passes(forward_kind)
+
+    def add_forward_passes(self, kind: str, count: int = 1) -> None:
+        self.forward_passes.labels(_pick(kind, FORWARD_KINDS)).inc(count)
+
+    def set_storage_queue_depth(self, depth: int) -> None:
+        self.storage_queue_depth.set(depth)
+
+    def record_storage_write_failure(self, count: int = 1) -> None:
+        self.storage_write_failures.inc(count)
+
+    # -- reading / serving --------------------------------------------------
+
+    def value(self, name: str, labels: Mapping[str, str] | None = None) -> float | None:
+        """A sample's current value by its exposed name, e.g.
+        ``value("latentwatch_forward_passes_total", {"kind": "score"})``."""
+        return self.registry.get_sample_value(name, dict(labels or {}))
+
+    def exposition(self) -> bytes:
+        """The registry in Prometheus text format."""
+        return generate_latest(self.registry)
+
+    def start_http_server(self, port: int, addr: str = "0.0.0.0"):
+        """Serve this registry at http://addr:port/metrics on a daemon thread.
+
+        ``port=0`` binds a free port. Returns ``(server, thread)``; the bound
+        port is ``server.server_address[1]``; stop with ``server.shutdown()``.
+        """
+        return _start_http_server(port, addr=addr, registry=self.registry)

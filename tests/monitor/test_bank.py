@@ -1,0 +1,114 @@
+"""The detector bank: fused scoring, padding invariance, aggregation semantics."""
+
+import numpy as np
+import pytest
+import torch
+
+from monitor.bank import Detector, DetectorBank
+from monitor.hooks import HookPoint
+from probes.kinds.base import ScoringHead
+from tests.tiny import tiny_runner
+
+PROMPTS = [
+    "Hi.",
+    "Tell me a story about a lighthouse keeper who finds a map.",
+    "How do volcanoes form, and why do some erupt explosively?",
+    "ok",
+]
+
+
+def affine(d, seed, scale=0.3):
+    g = torch.Generator().manual_seed(seed)
+    return ScoringHead(torch.randn(d, 1, generator=g) * scale, torch.randn(1, generator=g) * 0.1)
+
+
+def mlp(d, seed, hidden=8):
+    g = torch.Generator().manual_seed(seed)
+    return ScoringHead(torch.randn(d, hidden, generator=g) * 0.3, torch.randn(hidden, generator=g) * 0.1,
+                       torch.randn(hidden, generator=g), 0.05)
+
+
+def detectors(d, specs):
+    return [Detector(f"det{i}", "1", HookPoint.parse(point), head, **agg) for i, (point, head, agg) in enumerate(specs)]
+
+
+AGGS = [dict(aggregation="last"), dict(aggregation="mean"), dict(aggregation="max"),
+        dict(aggregation="ema", alpha=0.3), dict(aggregation="rolling_max", window=4)]
+
+
+@pytest.fixture(scope="module")
+def runner():
+    return tiny_runner("llama")
+
+
+@pytest.fixture(scope="module")
+def bank(runner):
+    d = runner.d_model
+    specs = [("blocks.1.resid_post", affine(d, i), agg) for i, agg in enumerate(AGGS)]
+    specs += [("blocks.2.resid_pre", mlp(d, 9), dict(aggregation="mean")), ("blocks.0.mlp_out", affine(d, 7), AGGS[3])]
+    return DetectorBank(detectors(d, specs))
+
+
+def test_prompt_scored_alone_equals_scored_in_a_left_padded_batch(runner, bank):
+    """Mixed lengths in one batch must not move any score (fp32, tolerance 1e-5)."""
+    items = [runner.encode(p, chat=True) for p in PROMPTS]
+    together = runner.score(items, bank, batch_size=len(items), token_scores=True)
+    for item, joint in zip(items, together):
+        alone = runner.score([item], bank, token_scores=True)[0]
+        np.testing.assert_allclose(joint.probs, alone.probs, rtol=0, atol=1e-5)
+        np.testing.assert_allclose(joint.token_probs, alone.token_probs, rtol=0, atol=1e-5)
+
+
+def test_aggregates_match_a_reference_over_token_scores(runner, bank):
+    items = [runner.encode(p, chat=True) for p in PROMPTS]
+    for res in runner.score(items, bank, batch_size=4, token_scores=True):
+        logit = np.log(res.token_probs) - np.log1p(-res.token_probs)
+        expect = [logit[-1, 0], logit[:, 1].mean(), logit[:, 2].max(), ema(logit[:, 3], 0.3), logit[-4:, 4].max(),
+                  logit[:, 5].mean(), ema(logit[:, 6], 0.3)]
+        np.testing.assert_allclose(res.probs, 1 / (1 + np.exp(-np.array(expect))), atol=1e-4)
+
+
+def ema(x, alpha):
+    value, weight = 0.0, 0.0
+    for v in x:
+        value = (1 - alpha) * value + alpha * v
+        weight = (1 - alpha) * weight + alpha
+    return value / weight
+
+
+def test_early_stop_gives_the_same_scores_as_a_full_forward(runner, bank):
+    items = [runner.encode(p, chat=True) for p in PROMPTS]
+    early = runner.score(items, bank, batch_size=4)
+    full = runner.score(items, bank, batch_size=4, early_stop=False)
+    for a, b in zip(early, full):
+        np.testing.assert_allclose(a.probs, b.probs, atol=1e-6)
+
+
+def test_64_probes_on_one_hook_point_cost_one_matmul(runner, monkeypatch):
+    d = runner.d_model
+    bank = DetectorBank(detectors(d, [("blocks.1.resid_post", affine(d, i), AGGS[i % 5]) for i in range(64)]))
+    assert len(bank.groups) == 1
+    calls = []
+    real = torch.addmm
+    monkeypatch.setattr(torch, "addmm", lambda *a, **k: calls.append(1) or real(*a, **k))
+    res = runner.score([runner.encode("count my kernels", chat=True)], bank)
+    assert len(calls) == 1 and res[0].probs.shape == (64,)
+
+
+def test_mlp_probes_add_one_small_matmul_and_match_the_reference_head(runner):
+    d = runner.d_model
+    heads = [mlp(d, 1), affine(d, 2), mlp(d, 3, hidden=4)]
+    bank = DetectorBank(detectors(d, [("blocks.1.resid_post", h, AGGS[1]) for h in heads]))
+    group = bank.groups[HookPoint.parse("blocks.1.resid_post")]
+    assert group.matmuls == 2
+    x = torch.randn(2, 5, d)
+    expect = torch.stack([h.logits(x) for h in heads], -1)
+    torch.testing.assert_close(group.logits(x), expect, rtol=1e-5, atol=1e-5)
+
+
+def test_bank_refuses_duplicate_ids_and_bad_aggregations(runner):
+    d = runner.d_model
+    with pytest.raises(ValueError, match="duplicate"):
+        DetectorBank([Detector("a", "1", HookPoint.parse("blocks.0.resid_post"), affine(d, 0))] * 2)
+    with pytest.raises(ValueError, match="alpha"):
+        Detector("a", "1", HookPoint.parse("blocks.0.resid_post"), affine(d, 0), aggregation="ema")
