@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 import numpy as np
 from sklearn.linear_model import LogisticRegression
@@ -22,6 +22,8 @@ from probes.kinds.base import (
 class LogisticConfig(ProbeConfig):
     C: float = 1.0
     max_iter: int = 1000
+    # Safety data is imbalanced (thousands of benign rows per hundred harmful): weight classes.
+    class_weight: Literal["balanced"] | None = "balanced"
 
 
 @register
@@ -40,7 +42,10 @@ class LogisticProbe(TensorProbe):
         x, y = check_xy(x, y)
         mean, std = standardisation(x)
         lr = LogisticRegression(
-            C=self.config.C, max_iter=self.config.max_iter, random_state=self.config.seed
+            C=self.config.C,
+            max_iter=self.config.max_iter,
+            class_weight=self.config.class_weight,
+            random_state=self.config.seed,
         ).fit((x - mean) / std, y)
         self._set({"mean": mean, "std": std, "coef": lr.coef_[0], "intercept": lr.intercept_})
 
