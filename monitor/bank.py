@@ -188,10 +188,11 @@ class BankState:
 
         w = self.bank.max_window
         k = torch.arange(w, device=x.device)
-        new = torch.full_like(self.recent, -torch.inf)
-        take = m & (after[..., 0] < w)
-        rows_idx, seq_idx = take.nonzero(as_tuple=True)
-        new[rows_idx, after[rows_idx, seq_idx, 0].long()] = x[rows_idx, seq_idx]
+        # Scatter each scored token to its recency slot; everything else lands in a spare slot w
+        # that is dropped (no boolean indexing: that would sync with the host on CUDA).
+        slot = torch.where(m & (after[..., 0] < w), after[..., 0].long(), w)
+        new = torch.full((x.shape[0], w + 1, x.shape[2]), -torch.inf, device=x.device)
+        new = new.scatter(1, slot[..., None].expand_as(x), x)[:, :w]
         shift = (k[None, :] - n).long()  # [rows, w]: where old entry k now comes from
         old = self.recent.gather(1, shift.clamp(min=0)[..., None].expand_as(self.recent))
         self.recent = torch.where((shift >= 0)[..., None], old, new)

@@ -156,7 +156,7 @@ class Generation:
         parts = [tokens.float()[:, None]]
         p = 0
         if self.state is not None:
-            agg = self.state.update(scored).sigmoid()
+            agg = runner.update(self.state, scored).sigmoid()
             parts += [self.state.step_logits[:, -1].sigmoid(), agg]
             p = agg.shape[1]
         host = torch.cat(parts, 1).cpu().numpy()  # the one host transfer of this step

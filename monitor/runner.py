@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -114,6 +115,7 @@ class ModelRunner:
         self.pad_id = pad if pad is not None else (tokenizer.eos_token_id or 0)
         self._pass = _Pass()
         self._fingerprint = None
+        self.monitor_seconds = 0.0  # host time spent in hooks and bank updates, for the overhead metric
 
     @classmethod
     def load(cls, model: str | None = None, *, device: str | None = None, dtype: str | None = None):
@@ -211,6 +213,7 @@ class ModelRunner:
 
     def _hook(self, point: HookPoint):
         def fn(h: torch.Tensor):
+            started = time.perf_counter()
             ctx = self._pass
             out = None
             if ctx.plan is not None:
@@ -221,6 +224,7 @@ class ModelRunner:
                 ctx.bank_state.record(ctx.bank_state.bank.groups[point], h)
             if point in ctx.capture:
                 ctx.capture[point](h)
+            self.monitor_seconds += time.perf_counter() - started
             if ctx.stop_at == point:
                 raise StopForward
             return out
@@ -290,7 +294,7 @@ class ModelRunner:
                 self._pass = _Pass(bank_state=state, stop_at=bank.deepest if early_stop else None)
                 state.begin_step(*b["input_ids"].shape)
                 self.forward(b, logits=not early_stop)
-                agg = state.update(b["scored"]).sigmoid()
+                agg = self.update(state, b["scored"]).sigmoid()
                 tok = state.step_logits.sigmoid() if token_scores else None
                 agg, tok = (agg.cpu().numpy(), tok.cpu().numpy() if tok is not None else None)
                 width = b["input_ids"].shape[1]
@@ -337,14 +341,17 @@ class ModelRunner:
                     out[k][idx] = v
         return out
 
-    @contextlib.contextmanager
-    def passing(self, **kwargs):
-        """Set what the hooks do for the forward passes inside this block."""
-        self._pass = _Pass(**kwargs)
-        try:
-            yield self._pass
-        finally:
-            self._pass = _Pass()
+    def update(self, state: BankState, scored: torch.Tensor) -> torch.Tensor:
+        """Fold a step into the bank state, counting the time as monitoring overhead."""
+        started = time.perf_counter()
+        agg = state.update(scored)
+        self.monitor_seconds += time.perf_counter() - started
+        return agg
+
+    def take_monitor_seconds(self) -> float:
+        """Monitoring time since the last call (host-side; on CUDA this is launch time)."""
+        seconds, self.monitor_seconds = self.monitor_seconds, 0.0
+        return seconds
 
 
 def encode_all(runner: ModelRunner, examples: Iterable, *, chat: bool) -> list[Encoded]:

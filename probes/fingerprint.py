@@ -62,7 +62,8 @@ def fingerprint(model, tokenizer) -> ModelFingerprint:
     """Fingerprint any HF causal LM; reads config and the input embedding, runs nothing."""
     config = model.config.get_text_config()
     weight = model.get_input_embeddings().weight.detach()
-    idx = torch.linspace(0, weight.numel() - 1, N_WEIGHT_SAMPLES).round().long()
+    # integer arithmetic: float32 linspace cannot represent indices of large embeddings exactly
+    idx = torch.arange(N_WEIGHT_SAMPLES) * (weight.numel() - 1) // (N_WEIGHT_SAMPLES - 1)
     sample = weight.reshape(-1)[idx.to(weight.device)].float().cpu()
     return ModelFingerprint(
         architecture=(model.config.architectures or [type(model).__name__])[0],

@@ -9,7 +9,7 @@ import base64
 import binascii
 import json
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import and_, or_, select
@@ -83,7 +83,7 @@ _REQUEST_COLUMNS = [
 def _encode_token(created_at: datetime, row_id: int) -> str:
     payload = {
         "v": _TOKEN_VERSION,
-        "t": created_at.astimezone(timezone.utc).isoformat(),
+        "t": created_at.astimezone(UTC).isoformat(),
         "i": row_id,
     }
     raw = json.dumps(payload, separators=(",", ":")).encode()

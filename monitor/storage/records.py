@@ -11,7 +11,7 @@ import hashlib
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any, Literal, get_args
 
 TextPolicy = Literal["always", "alerts_only", "never"]
@@ -23,7 +23,7 @@ TEXT_POLICIES: tuple[str, ...] = get_args(TextPolicy)
 
 
 def utcnow() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 def text_sha256(prompt_text: str | None, completion_text: str | None) -> str | None:

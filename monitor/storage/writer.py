@@ -42,7 +42,7 @@ from monitor.storage.records import (
 )
 
 if TYPE_CHECKING:
-    from typing_extensions import Self
+    from typing import Self
 
 log = logging.getLogger(__name__)
 

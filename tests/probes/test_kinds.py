@@ -94,7 +94,7 @@ def test_logistic_matches_sklearn_on_standardised_inputs():
     probe = fitted("logistic")
     x64 = x.astype(np.float64)
     mean, std = x64.mean(0), np.maximum(x64.std(0), 1e-6)
-    reference = LogisticRegression(C=1.0, max_iter=1000).fit((x64 - mean) / std, y)
+    reference = LogisticRegression(C=1.0, max_iter=1000, class_weight="balanced").fit((x64 - mean) / std, y)
     np.testing.assert_allclose(
         probe.decision_function(x), reference.decision_function((x64 - mean) / std), atol=1e-3
     )

@@ -3,13 +3,13 @@ from __future__ import annotations
 import base64
 import dataclasses
 import json
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 
 from monitor.storage import AlertRecord, AlertRow, StorageWriter, get_alerts
 
-T0 = datetime(2025, 6, 1, 8, 0, 0, tzinfo=timezone.utc)
+T0 = datetime(2025, 6, 1, 8, 0, 0, tzinfo=UTC)
 N = 53
 
 

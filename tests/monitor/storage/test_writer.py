@@ -4,7 +4,7 @@ import dataclasses
 import hashlib
 import socket
 import threading
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from sqlalchemy import func, select, text
@@ -24,7 +24,7 @@ from monitor.storage import (
 )
 from monitor.storage.models import Alert, Detector, Intervention, Request
 
-T0 = datetime(2025, 3, 1, 12, 0, 0, 123456, tzinfo=timezone.utc)
+T0 = datetime(2025, 3, 1, 12, 0, 0, 123456, tzinfo=UTC)
 
 
 def _request(rid: str, *, alerted: bool = False, **kw) -> RequestRecord:

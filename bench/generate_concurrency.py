@@ -1,0 +1,88 @@
+"""Through the real gRPC server on loopback: 8 concurrent Generate streams vs 1 (aggregate tokens/s,
+target >= 3x), and monitoring overhead (same server with vs without detectors, target < 2%).
+
+    .venv/bin/python bench/generate_concurrency.py [--tokens 64] [--model PATH] [--packs DIR ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from monitor.client import Client
+from monitor.config import Settings
+from monitor.runner import ModelRunner
+from monitor.server import Server, default_pack_dirs
+
+PROMPTS = ["Write a short story about a lighthouse keeper.", "Explain how tides work.",
+           "List five uses for a paperclip.", "Describe the water cycle.", "What makes a good cup of tea?",
+           "Summarise the plot of Hamlet.", "Give tips for learning to juggle.", "Why is the sky blue?"]
+
+
+class InProcess:
+    def __init__(self, settings: Settings, runner: ModelRunner):
+        self.loop = asyncio.new_event_loop()
+        threading.Thread(target=self.loop.run_forever, daemon=True).start()
+
+        async def make():
+            return await Server(settings, runner).start()
+
+        self.server = asyncio.run_coroutine_threadsafe(make(), self.loop).result(120)
+        self.target = f"127.0.0.1:{self.server.port}"
+
+    def close(self):
+        asyncio.run_coroutine_threadsafe(self.server.stop(5), self.loop).result(60)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+
+
+def run_streams(target: str, n: int, tokens: int) -> float:
+    """Aggregate completion tokens/s of n concurrent greedy streams of exactly `tokens` tokens."""
+    counts = [0] * n
+
+    def one(i):
+        with Client(target, timeout=600) as c:
+            counts[i] = c.generate_text(PROMPTS[i % len(PROMPTS)], max_new_tokens=tokens).completion_tokens
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return sum(counts) / (time.perf_counter() - t0)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--packs", nargs="*", type=Path, default=None)
+    ap.add_argument("--repeats", type=int, default=3)
+    args = ap.parse_args()
+    runner = ModelRunner.load(args.model)
+    packs = args.packs if args.packs is not None else default_pack_dirs()
+    tmp = Path(tempfile.mkdtemp())
+    common = dict(port=0, metrics_port=None, db=f"sqlite:///{tmp}/bench.db", max_new_tokens=4096,
+                  generate={"max_batch": 8, "max_wait_ms": 50})
+    results = {}
+    for name, pk in (("monitored", packs), ("bare", [])):
+        srv = InProcess(Settings(packs=pk, **common), runner)
+        run_streams(srv.target, 1, 8)  # warm-up
+        one = max(run_streams(srv.target, 1, args.tokens) for _ in range(args.repeats))
+        eight = max(run_streams(srv.target, 8, args.tokens) for _ in range(args.repeats))
+        srv.close()
+        results[name] = (one, eight)
+        print(f"{name:9s} detectors={len(pk)}: 1 stream {one:7.1f} tok/s, 8 streams {eight:7.1f} tok/s "
+              f"({eight / one:.2f}x)")
+    (one_m, eight_m), (one_b, eight_b) = results["monitored"], results["bare"]
+    print(f"concurrency speed-up (8 vs 1, monitored): {eight_m / one_m:.2f}x   (target >= 3x)")
+    print(f"monitoring overhead, 1 stream:  {100 * (1 - one_m / one_b):+.2f}% of tokens/s")
+    print(f"monitoring overhead, 8 streams: {100 * (1 - eight_m / eight_b):+.2f}% of tokens/s   (target < 2%)")
+
+
+if __name__ == "__main__":
+    main()

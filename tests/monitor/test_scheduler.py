@@ -1,0 +1,60 @@
+"""The scheduler batches concurrent work onto one model thread and drops cancelled rows at once."""
+
+from __future__ import annotations
+
+import torch
+
+from monitor.bank import Detector, DetectorBank
+from monitor.generation import Sampling
+from monitor.hooks import HookPoint
+from monitor.metrics import Metrics
+from monitor.scheduler import GenJob, Reaction, Scheduler
+from probes.kinds.base import ScoringHead
+from tests.tiny import tiny_runner
+
+
+def make(**kw):
+    r = tiny_runner("llama")
+    head = ScoringHead(torch.randn(r.d_model, 1) * 0.1, torch.zeros(1))
+    bank = DetectorBank([Detector("d", "1", HookPoint.parse("blocks.1.resid_post"), head, aggregation="max")])
+    m = Metrics(["d"])
+    return r, bank, m, Scheduler(r, bank, m, **kw).start()
+
+
+def test_queued_score_jobs_are_merged_into_one_forward():
+    r, bank, m, s = make(score_batch=8, score_wait_ms=500)
+    futs = [s.submit_score([r.encode(f"text {i}")]) for i in range(6)]
+    results = [f.result(30) for f in futs]
+    s.stop(10)
+    assert all(len(res) == 1 for _, res in results)
+    assert m.value("latentwatch_forward_passes_total", {"kind": "score"}) == 1
+
+
+class Counting(GenJob):
+    def __init__(self, *a, cancel_after=None, **k):
+        super().__init__(*a, **k)
+        self.tokens, self.cancel_after, self.reason = 0, cancel_after, None
+
+    def on_token(self, ev):
+        self.tokens += 1
+        if self.cancel_after is not None and self.tokens == self.cancel_after:
+            self.cancel()
+        return Reaction()
+
+    def on_end(self, reason, error=None):
+        self.reason = reason
+
+
+def test_generations_share_steps_and_cancel_takes_effect_before_the_next_step():
+    r, bank, m, s = make(gen_batch=4, gen_wait_ms=500)
+    jobs = [Counting(r.encode("hello"), Sampling(max_new_tokens=10)) for _ in range(3)]
+    jobs.append(Counting(r.encode("bye"), Sampling(max_new_tokens=10), cancel_after=2))
+    for j in jobs:
+        s.submit_generate(j)
+    for j in jobs:
+        assert j.finished.wait(30)
+    s.stop(10)
+    assert [j.reason for j in jobs] == ["length"] * 3 + ["cancelled"]
+    assert jobs[-1].tokens == 2 and jobs[-1].steps == 2
+    assert m.value("latentwatch_forward_passes_total", {"kind": "prefill"}) == 1
+    assert m.value("latentwatch_forward_passes_total", {"kind": "decode"}) == 9
