@@ -11,6 +11,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from monitor.cli_serve import register as register_service_commands
+
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="White-box safety monitor for language models.")
 console = Console(stderr=True)
 
@@ -71,11 +73,13 @@ def read_examples(path: Path, *, labelled: bool):
 
 # ------------------------------------------------------------------------------------ train
 
+LOGISTIC_GRID = [("logistic", {"C": c}) for c in (0.01, 0.1, 1.0)]
 RECIPE_SWEEPS = {
     "harmful_intent": {"hook_points": [f"blocks.{i}.resid_post" for i in range(4, 26, 2)],
-                       "kinds": ["logistic"], "pools": ["mean", "last"], "calibration": "alpaca_val"},
+                       "probes": LOGISTIC_GRID, "pools": ["mean", "last"], "calibration": "val_benign"},
     "deception": {"hook_points": [f"blocks.{i}.resid_post" for i in range(4, 26, 2)],
-                  "kinds": ["logistic", "lat", "diff_means"], "pools": ["mean"], "calibration": "repe_honest_val"},
+                  "probes": [*LOGISTIC_GRID, ("lat", {}), ("diff_means", {})], "pools": ["mean"],
+                  "calibration": "repe_honest_val"},
 }
 
 
@@ -138,7 +142,7 @@ def train(
     spec = TrainSpec(
         pack_id=pack_id or recipe or out.name.replace(" ", "_").lower(),
         hook_points=hook_point or sweep.get("hook_points", ["blocks.14.resid_post"]),
-        kinds=kind or sweep.get("kinds", ["logistic"]),
+        probes=[(k, {}) for k in kind] if kind else sweep.get("probes", [("logistic", {})]),
         pools=pool or sweep.get("pools", ["mean"]),
         input_format="raw" if raw else "chat",
         target_fpr=target_fpr,
@@ -275,12 +279,4 @@ def detectors(
     Console().print(table)
 
 
-def _register_service_commands() -> None:
-    try:
-        from monitor.cli_serve import register
-    except ImportError:  # the service extras are part of the package; this only guards partial checkouts
-        return
-    register(app)
-
-
-_register_service_commands()
+register_service_commands(app)

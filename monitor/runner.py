@@ -179,13 +179,29 @@ class ModelRunner:
         ids, offsets = list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
         if len(ids) > self.max_length:
             raise InputTooLong(f"input is {len(ids)} tokens; this model takes at most {self.max_length}")
-        score_from = 0
+        start = 0
         if score_suffix:
             start = rendered.rfind(score_suffix)
             if start < 0:
                 raise InputError("score_suffix does not occur in the rendered input")
-            score_from = next((i for i, (_, end) in enumerate(offsets) if end > start), len(ids))
+        elif messages is not None:
+            start = self._last_user_turn(msgs, rendered)
+        score_from = next((i for i, (_, end) in enumerate(offsets) if end > start), len(ids))
         return Encoded(ids, offsets, rendered, score_from)
+
+    def _last_user_turn(self, msgs: list[dict], rendered: str) -> int:
+        """Character offset where the last user message's content starts.
+
+        Detectors aggregate from there on: the system prompt and earlier turns are the same for
+        many requests and would only dilute a mean toward a constant, biasing short prompts.
+        """
+        users = [i for i, m in enumerate(msgs) if m["role"] == "user"]
+        if not users:
+            return 0
+        idx = users[-1]
+        before = self.tokenizer.apply_chat_template(msgs[:idx], tokenize=False) if idx else ""
+        found = rendered.find(msgs[idx]["content"], len(before) if rendered.startswith(before) else 0)
+        return max(found, 0)
 
     # ------------------------------------------------------------------------------ batches
 

@@ -3,7 +3,9 @@
 Two recipes:
 
 * `harmful_intent_splits` - harmful requests (JBB harmful, AdvBench, HarmBench standard) vs
-  benign ones (JBB benign, Alpaca 5k, XSTest safe). Rows are de-duplicated across datasets
+  benign ones (JBB benign, Alpaca 5k, XSTest safe); train/val-side XSTest unsafe contrasts join
+  the positives (short question-form harm the other sets lack); test-side ones are held out as
+  the `xstest_unsafe` eval set. Rows are de-duplicated across datasets
   (exact after normalisation, plus near-duplicates), grouped by behaviour (near-duplicates,
   paraphrase clusters, JBB harmful/benign pairs, XSTest safe/contrast pairs) and whole groups
   are assigned to train/val/test. Jailbreak and generalisation sets are built only from
@@ -439,13 +441,14 @@ def harmful_intent_splits(
         "xstest_safe": [],
         "xstest_unsafe": [],
     }
-    calibration: dict[str, list[Example]] = {"alpaca_val": [], "xstest_safe_val": []}
+    # val_benign (every benign val row: Alpaca, JBB benign, XSTest safe) is what shipped packs use,
+    # so the threshold also answers for scary-looking safe prompts, not only for Alpaca.
+    calibration: dict[str, list[Example]] = {"alpaca_val": [], "xstest_safe_val": [], "val_benign": []}
     for i in kept:
         r, s = rows[i], side[gid[i]]
         e = ex(i)
-        if r.kind == "xstest_unsafe":  # harmful, but only ever an extra eval set
-            if s == "test":
-                eval_sets["xstest_unsafe"].append(e)
+        if r.kind == "xstest_unsafe" and s == "test":  # held out as its own eval set
+            eval_sets["xstest_unsafe"].append(e)
             continue
         split_of[s].append(e)
         if s == "test":
@@ -460,6 +463,8 @@ def harmful_intent_splits(
             calibration["alpaca_val"].append(e)
         elif s == "val" and r.kind == "xstest_safe":
             calibration["xstest_safe_val"].append(e)
+        if s == "val" and e.label == 0:
+            calibration["val_benign"].append(e)
 
     # 5. jailbreak / generalisation sets, from test-side JBB behaviours only
     jbb_harm = [i for i, r in enumerate(rows) if r.kind == "harm" and r.source == "jbb_behaviors"]
@@ -531,6 +536,10 @@ def harmful_intent_splits(
         )
         for t, e in (combos[k] for k in picked)
     ]
+    # Held-out harmful requests against each benign set on its own: recall at 1% FPR *on Alpaca*
+    # and the honest-FPR failure on scary-looking safe prompts are separate numbers.
+    for benign in ("alpaca", "jbb_benign", "xstest_safe"):
+        eval_sets[f"test_harmful_vs_{benign}"] = eval_sets["test_harmful"] + eval_sets[benign]
 
     def counts(xs: list[Example]) -> dict[str, Any]:
         return {

@@ -30,9 +30,9 @@ class TrainSpec:
 
     pack_id: str
     hook_points: list[str] = field(default_factory=lambda: ["blocks.14.resid_post"])
-    kinds: list[str] = field(default_factory=lambda: ["logistic"])
+    # (kind, config) candidates, e.g. [("logistic", {"C": 0.01}), ("lat", {})]
+    probes: list[tuple[str, dict]] = field(default_factory=lambda: [("logistic", {})])
     pools: list[str] = field(default_factory=lambda: ["mean"])  # "mean" or "last" token
-    kind_config: dict = field(default_factory=dict)
     input_format: str = "chat"
     target_fpr: float = 0.01
     version: str = "1"
@@ -79,15 +79,15 @@ def sweep(runner: ModelRunner, data: TrainData, spec: TrainSpec, *, progress: bo
     n = len(data.train)
     table = []
     for point in points:
-        for kind in spec.kinds:
+        for kind, config in spec.probes:
             cls = probe_kind(kind)
             for pool in spec.pools:
                 x = acts[(point, pool)]
-                probe = cls(cls.config_cls(seed=spec.seed, **spec.kind_config.get(kind, {})))
+                probe = cls(cls.config_cls(**{"seed": spec.seed, **config}))
                 probe.fit(x[:n], y_train)
                 auroc = float(roc_auc_score(y_val, probe.decision_function(x[n:])))
-                table.append({"hook_point": str(point), "kind": kind, "pool": pool, "val_auroc": auroc,
-                              "probe": probe})
+                table.append({"hook_point": str(point), "kind": kind, "config": config, "pool": pool,
+                              "val_auroc": auroc, "probe": probe})
     # Highest validation AUROC; ties go to the shallower hook point (cheaper early stop).
     best = max(table, key=lambda r: (round(r["val_auroc"], 4), -HookPoint.parse(r["hook_point"]).layer))
     return best, [{k: v for k, v in r.items() if k != "probe"} for r in table]
@@ -95,14 +95,20 @@ def sweep(runner: ModelRunner, data: TrainData, spec: TrainSpec, *, progress: bo
 
 def score_sets(runner: ModelRunner, pack: ProbePack, sets: dict[str, list[Example]], *, batch_size: int = 16,
                progress: bool = False) -> dict[str, np.ndarray]:
-    """Aggregate probability per example for each named set, through the detector bank."""
+    """Aggregate probability per example for each named set, through the detector bank.
+
+    Sets overlap (a combined test set and its parts), so each distinct input is scored once.
+    """
     bank = DetectorBank([Detector.from_pack(pack)], device=runner.device)
-    chat = pack.manifest.input_format == "chat"
-    out = {}
-    for name, examples in sets.items():
-        items = encode_all(runner, examples, chat=chat)
-        out[name] = np.array([r.probs[0] for r in runner.score(items, bank, batch_size=batch_size, progress=progress)])
-    return out
+    index: dict[tuple, int] = {}
+    for examples in sets.values():
+        for e in examples:
+            index.setdefault((e.text, e.messages, e.score_suffix), len(index))
+    unique = [Example(text=t, messages=m, score_suffix=sfx) for t, m, sfx in index]
+    items = encode_all(runner, unique, chat=pack.manifest.input_format == "chat")
+    scores = np.array([r.probs[0] for r in runner.score(items, bank, batch_size=batch_size, progress=progress)])
+    return {name: scores[[index[(e.text, e.messages, e.score_suffix)] for e in examples]].reshape(-1)
+            for name, examples in sets.items()}
 
 
 def evaluate_sets(runner: ModelRunner, pack: ProbePack, sets: dict[str, list[Example]], *, batch_size: int = 16,
@@ -154,7 +160,7 @@ def train_pack(runner: ModelRunner, data: TrainData, spec: TrainSpec, *, progres
         "n_val": len(data.val),
         "selection": {
             "rule": "highest validation AUROC; ties to the shallower hook point",
-            "chosen": {k: best[k] for k in ("hook_point", "kind", "pool", "val_auroc")},
+            "chosen": {k: best[k] for k in ("hook_point", "kind", "config", "pool", "val_auroc")},
             "sweep": table,
         },
         "latentwatch_version": _version(),

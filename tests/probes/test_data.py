@@ -194,8 +194,9 @@ def test_harm_pairs_same_side(harm: Splits) -> None:
         if partner in xs:  # the partner may have been de-duplicated away
             assert xs[partner].group == e.group
             assert where[partner] == where[e.id], (e.text, xs[partner].text)
-    # xstest unsafe prompts are only ever evaluation data
-    assert not any(e.source == "xstest" and e.label == 1 for e in harm.train + harm.val)
+    # train-side XSTest contrasts teach question-form harm; test-side ones stay held out
+    assert any(e.source == "xstest" and e.label == 1 for e in harm.train)
+    assert not any(e.source == "xstest" and e.label == 1 for e in harm.test)
 
 
 def test_harm_jailbreak_rows_only_held_out(harm: Splits) -> None:
