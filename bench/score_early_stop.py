@@ -64,7 +64,7 @@ def main() -> None:
 
     def full_all_logits():
         with runner.attached(bank.hook_points):
-            for _, b in runner._batches(items, args.batch_size, "", False):
+            for _, b in runner.batches(items, args.batch_size, "", False):
                 state = bank.state(b["input_ids"].shape[0])
                 runner._pass = _Pass(bank_state=state)
                 state.begin_step(*b["input_ids"].shape)

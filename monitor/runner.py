@@ -276,7 +276,7 @@ class ModelRunner:
 
     # ------------------------------------------------------------------------------ scoring
 
-    def _batches(self, items: Sequence[Encoded], batch_size: int, desc: str, progress: bool):
+    def batches(self, items: Sequence[Encoded], batch_size: int, desc: str, progress: bool):
         """Length-sorted batches (less padding); yields (original indices, batch)."""
         order = sorted(range(len(items)), key=lambda i: len(items[i]))
         bar = tqdm(total=len(items), desc=desc, disable=not progress, unit="input")
@@ -305,7 +305,7 @@ class ModelRunner:
         if bank.size == 0:
             raise ValueError("the detector bank is empty: load at least one probe pack")
         with self.attached(bank.hook_points):
-            for idx, b in self._batches(items, batch_size, "scoring", progress):
+            for idx, b in self.batches(items, batch_size, "scoring", progress):
                 state = bank.state(len(idx))
                 self._pass = _Pass(bank_state=state, stop_at=bank.deepest if early_stop else None)
                 state.begin_step(*b["input_ids"].shape)
@@ -338,7 +338,7 @@ class ModelRunner:
         points = sorted(set(points))
         out = {(p, pool): np.zeros((len(items), self.d_model), np.float32) for p in points for pool in ("last", "mean")}
         with self.attached(points):
-            for idx, b in self._batches(items, batch_size, "collecting activations", progress):
+            for idx, b in self.batches(items, batch_size, "collecting activations", progress):
                 scored = b["scored"][..., None]
                 pooled: dict[tuple[HookPoint, str], torch.Tensor] = {}
 

@@ -133,7 +133,7 @@ class PromptedJudge(Baseline):
         out = np.zeros(len(items))
         yes, no = torch.tensor(self.yes_ids), torch.tensor(self.no_ids)
         # the runner's own length-sorted, left-padded batching (position ids from the mask)
-        for idx, batch in runner._batches(items, self.batch_size, "prompted judge", self.progress):
+        for idx, batch in runner.batches(items, self.batch_size, "prompted judge", self.progress):
             logits = runner.forward(batch).float().cpu()
             margin = logits[:, yes].logsumexp(-1) - logits[:, no].logsumexp(-1)
             out[idx] = margin.sigmoid().numpy()
