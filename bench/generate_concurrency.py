@@ -18,9 +18,11 @@ from monitor.config import Settings
 from monitor.runner import ModelRunner
 from monitor.server import Server, default_pack_dirs
 
-PROMPTS = ["Write a short story about a lighthouse keeper.", "Explain how tides work.",
-           "List five uses for a paperclip.", "Describe the water cycle.", "What makes a good cup of tea?",
-           "Summarise the plot of Hamlet.", "Give tips for learning to juggle.", "Why is the sky blue?"]
+# Chat requests that make SmolLM2 write at length, so streams rarely end before --tokens.
+PROMPTS = ["Write a long story about a lighthouse keeper.", "Explain in detail how tides work.",
+           "Write a detailed essay on the history of paper.", "Describe the water cycle in detail.",
+           "Write a long guide to brewing a good cup of tea.", "Retell the plot of Hamlet scene by scene.",
+           "Write a detailed guide to learning to juggle.", "Explain at length why the sky is blue."]
 
 
 class InProcess:
@@ -39,13 +41,17 @@ class InProcess:
         self.loop.call_soon_threadsafe(self.loop.stop)
 
 
+TOKENS_SEEN: list[int] = []
+
+
 def run_streams(target: str, n: int, tokens: int) -> float:
     """Aggregate completion tokens/s of n concurrent greedy streams of exactly `tokens` tokens."""
     counts = [0] * n
 
     def one(i):
         with Client(target, timeout=600) as c:
-            counts[i] = c.generate_text(PROMPTS[i % len(PROMPTS)], max_new_tokens=tokens).completion_tokens
+            chat = [{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}]
+            counts[i] = c.generate_text(chat, max_new_tokens=tokens).completion_tokens
 
     threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
     t0 = time.perf_counter()
@@ -53,7 +59,9 @@ def run_streams(target: str, n: int, tokens: int) -> float:
         t.start()
     for t in threads:
         t.join()
-    return sum(counts) / (time.perf_counter() - t0)
+    elapsed = time.perf_counter() - t0
+    TOKENS_SEEN.extend(counts)
+    return sum(counts) / elapsed
 
 
 def main() -> None:
@@ -74,20 +82,29 @@ def main() -> None:
         run_streams(srv.target, 1, 8)  # warm-up
     # Interleave the two servers so drift on a shared machine hits both alike; keep the best run.
     best = {(name, n): 0.0 for name in servers for n in (1, 8)}
+    metrics = servers["monitored"].server.metrics
+    overhead_before, monitored_wall = metrics.value("latentwatch_monitor_overhead_seconds_total") or 0.0, 0.0
     for _ in range(args.repeats):
         for name, srv in servers.items():
             for n in (1, 8):
+                started = time.perf_counter()
                 best[(name, n)] = max(best[(name, n)], run_streams(srv.target, n, args.tokens))
+                if name == "monitored":
+                    monitored_wall += time.perf_counter() - started
+    overhead_s = (metrics.value("latentwatch_monitor_overhead_seconds_total") or 0.0) - overhead_before
     for srv in servers.values():
         srv.close()
     for name in servers:
         one, eight = best[(name, 1)], best[(name, 8)]
         print(f"{name:9s}: 1 stream {one:7.1f} tok/s, 8 streams {eight:7.1f} tok/s ({eight / one:.2f}x)")
     one_m, eight_m, one_b, eight_b = (best[k] for k in (("monitored", 1), ("monitored", 8), ("bare", 1), ("bare", 8)))
-    print(f"detectors: {', '.join(p.name for p in packs)}; model {runner.model_id} on {runner.device}")
+    print(f"detectors: {', '.join(p.name for p in packs)}; model {runner.model_id} on {runner.device}; "
+          f"{sum(TOKENS_SEEN) / len(TOKENS_SEEN):.1f} tokens per stream on average (max {args.tokens})")
     print(f"concurrency speed-up (8 vs 1, monitored): {eight_m / one_m:.2f}x   (target >= 3x)")
     print(f"monitoring overhead, 1 stream:  {100 * (1 - one_m / one_b):+.2f}% of tokens/s")
     print(f"monitoring overhead, 8 streams: {100 * (1 - eight_m / eight_b):+.2f}% of tokens/s   (target < 2%)")
+    print(f"time in hooks + detector bank (latentwatch_monitor_overhead_seconds_total): {overhead_s:.3f} s "
+          f"= {100 * overhead_s / monitored_wall:.2f}% of the monitored server's wall time")
 
 
 if __name__ == "__main__":

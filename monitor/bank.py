@@ -113,8 +113,9 @@ class DetectorBank:
             for point, slots in sorted(by_point.items())
         }
         p = len(detectors)
-        code = {name: i for i, name in enumerate(AGGREGATIONS)}
-        self.agg_code = torch.tensor([code[d.aggregation] for d in detectors], device=self.device, dtype=torch.long)
+        self.kinds = [k for k in AGGREGATIONS if any(d.aggregation == k for d in detectors)]
+        self.agg_code = torch.tensor([self.kinds.index(d.aggregation) for d in detectors], device=self.device,
+                                     dtype=torch.long)
         self.alpha = torch.tensor([d.alpha or 1.0 for d in detectors], device=self.device)
         windows = [d.window or 1 for d in detectors]
         self.max_window = max(windows, default=1)
@@ -166,45 +167,57 @@ class BankState:
     def update(self, mask: torch.Tensor) -> torch.Tensor:
         """Fold the step's logits into the aggregates; `mask` [rows, seq] marks scored tokens.
 
+        Only the statistics some loaded detector aggregates with are kept up to date: this runs
+        once per generated token, so a bank of mean-aggregated probes pays for a sum and a count.
         Returns the aggregate logits [rows, probes] after this step.
         """
-        x, m = self.step_logits, mask.bool()
+        x, m, kinds = self.step_logits, mask.bool(), self.bank.kinds
         mf = m[..., None]
         n = m.sum(1, keepdim=True).float()  # [rows, 1]
-        # rank of each scored token counted from the end of the step (0 = most recent)
-        after = (m.flip(1).cumsum(1).flip(1) - m.long())[..., None].float()  # [rows, seq, 1]
-
         self.count += n
-        self.sum += torch.where(mf, x, 0.0).sum(1)
-        self.max = torch.maximum(self.max, torch.where(mf, x, -torch.inf).amax(1))
-        has = n > 0
-        last_idx = torch.where(m, torch.arange(m.shape[1], device=m.device), -1).amax(1).clamp(min=0)
-        self.last = torch.where(has, x[torch.arange(x.shape[0], device=x.device), last_idx], self.last)
-
-        keep = 1.0 - self.bank.alpha  # [probes]
-        weight = self.bank.alpha * keep.pow(after)  # [rows, seq, probes]
-        self.ema = self.ema * keep.pow(n) + torch.where(mf, weight * x, 0.0).sum(1)
-        self.ema_decay = self.ema_decay * keep.pow(n)
-
-        w = self.bank.max_window
-        k = torch.arange(w, device=x.device)
-        # Scatter each scored token to its recency slot; everything else lands in a spare slot w
-        # that is dropped (no boolean indexing: that would sync with the host on CUDA).
-        slot = torch.where(m & (after[..., 0] < w), after[..., 0].long(), w)
-        new = torch.full((x.shape[0], w + 1, x.shape[2]), -torch.inf, device=x.device)
-        new = new.scatter(1, slot[..., None].expand_as(x), x)[:, :w]
-        shift = (k[None, :] - n).long()  # [rows, w]: where old entry k now comes from
-        old = self.recent.gather(1, shift.clamp(min=0)[..., None].expand_as(self.recent))
-        self.recent = torch.where((shift >= 0)[..., None], old, new)
+        if "mean" in kinds:
+            self.sum += torch.where(mf, x, 0.0).sum(1)
+        if "max" in kinds:
+            self.max = torch.maximum(self.max, torch.where(mf, x, -torch.inf).amax(1))
+        if "last" in kinds:
+            last_idx = torch.where(m, torch.arange(m.shape[1], device=m.device), -1).amax(1).clamp(min=0)
+            self.last = torch.where(n > 0, x[torch.arange(x.shape[0], device=x.device), last_idx], self.last)
+        if "ema" in kinds or "rolling_max" in kinds:
+            # rank of each scored token counted from the end of the step (0 = most recent)
+            after = (m.flip(1).cumsum(1).flip(1) - m.long())[..., None].float()  # [rows, seq, 1]
+        if "ema" in kinds:
+            keep = 1.0 - self.bank.alpha  # [probes]
+            weight = self.bank.alpha * keep.pow(after)  # [rows, seq, probes]
+            self.ema = self.ema * keep.pow(n) + torch.where(mf, weight * x, 0.0).sum(1)
+            self.ema_decay = self.ema_decay * keep.pow(n)
+        if "rolling_max" in kinds:
+            w = self.bank.max_window
+            k = torch.arange(w, device=x.device)
+            # Scatter each scored token to its recency slot; everything else lands in a spare slot
+            # w that is dropped (no boolean indexing: that would sync with the host on CUDA).
+            slot = torch.where(m & (after[..., 0] < w), after[..., 0].long(), w)
+            new = torch.full((x.shape[0], w + 1, x.shape[2]), -torch.inf, device=x.device)
+            new = new.scatter(1, slot[..., None].expand_as(x), x)[:, :w]
+            shift = (k[None, :] - n).long()  # [rows, w]: where old entry k now comes from
+            old = self.recent.gather(1, shift.clamp(min=0)[..., None].expand_as(self.recent))
+            self.recent = torch.where((shift >= 0)[..., None], old, new)
         return self.aggregate()
 
     def aggregate(self) -> torch.Tensor:
         """Aggregate logit per row and probe under each probe's own aggregation."""
-        seen = self.count.clamp(min=1)
-        ema = self.ema / (1.0 - self.ema_decay).clamp(min=1e-12)
-        rolling = torch.where(self.bank.window_mask, self.recent, -torch.inf).amax(1)
-        candidates = torch.stack([self.last, self.sum / seen, self.max, ema, rolling])  # [5, rows, p]
-        out = candidates.gather(0, self.bank.agg_code.expand(1, *self.sum.shape)).squeeze(0)
+        stat = {
+            "last": lambda: self.last,
+            "mean": lambda: self.sum / self.count.clamp(min=1),
+            "max": lambda: self.max,
+            "ema": lambda: self.ema / (1.0 - self.ema_decay).clamp(min=1e-12),
+            "rolling_max": lambda: torch.where(self.bank.window_mask, self.recent, -torch.inf).amax(1),
+        }
+        kinds = self.bank.kinds
+        if len(kinds) == 1:
+            out = stat[kinds[0]]()
+        else:
+            candidates = torch.stack([stat[k]() for k in kinds])  # [kinds, rows, probes]
+            out = candidates.gather(0, self.bank.agg_code.expand(1, *self.sum.shape)).squeeze(0)
         return torch.where(self.count > 0, out, 0.0)
 
     def select(self, rows: torch.Tensor) -> None:

@@ -75,12 +75,16 @@ def read_examples(path: Path, *, labelled: bool):
 
 LOGISTIC_GRID = [("logistic", {"C": c}) for c in (0.01, 0.1, 1.0)]
 RECIPE_SWEEPS = {
-    "harmful_intent": {"hook_points": [f"blocks.{i}.resid_post" for i in range(4, 26, 2)],
-                       "probes": LOGISTIC_GRID, "pools": ["mean", "last"], "calibration": "val_benign"},
-    "deception": {"hook_points": [f"blocks.{i}.resid_post" for i in range(4, 26, 2)],
-                  "probes": [*LOGISTIC_GRID, ("lat", {}), ("diff_means", {})], "pools": ["mean"],
+    "harmful_intent": {"probes": LOGISTIC_GRID, "pools": ["mean", "last"], "calibration": "val_benign"},
+    "deception": {"probes": [*LOGISTIC_GRID, ("lat", {}), ("diff_means", {})], "pools": ["mean"],
                   "calibration": "repe_honest_val"},
 }
+
+
+def sweep_hook_points(num_layers: int) -> list[str]:
+    """Residual stream from ~15% to ~80% of depth, every depth/15 blocks: 4, 6, ..., 24 on a 30-block model."""
+    return [f"blocks.{i}.resid_post" for i in range(round(0.14 * num_layers), round(0.8 * num_layers) + 1,
+                                                     max(1, num_layers // 15))]
 
 
 @app.command()
@@ -139,9 +143,11 @@ def train(
             fail("no benign examples to calibrate on: pass --calibration FILE")
         evals = {p.stem: read_examples(p, labelled=True) for p in eval_data or []}
         tdata = TrainData(train_rows, val_rows, cal_name, cal_rows, evals)
+    runner = load_runner(model, device)
+    default_points = sweep_hook_points(runner.hooks.num_layers) if recipe else ["blocks.14.resid_post"]
     spec = TrainSpec(
         pack_id=pack_id or recipe or out.name.replace(" ", "_").lower(),
-        hook_points=hook_point or sweep.get("hook_points", ["blocks.14.resid_post"]),
+        hook_points=hook_point or default_points,
         probes=[(k, {}) for k in kind] if kind else sweep.get("probes", [("logistic", {})]),
         pools=pool or sweep.get("pools", ["mean"]),
         input_format="raw" if raw else "chat",
@@ -149,7 +155,6 @@ def train(
         seed=seed,
         batch_size=batch_size,
     )
-    runner = load_runner(model, device)
     try:
         pack, table = train_pack(runner, tdata, spec)
     except ValueError as e:

@@ -112,3 +112,14 @@ def test_bank_refuses_duplicate_ids_and_bad_aggregations(runner):
         DetectorBank([Detector("a", "1", HookPoint.parse("blocks.0.resid_post"), affine(d, 0))] * 2)
     with pytest.raises(ValueError, match="alpha"):
         Detector("a", "1", HookPoint.parse("blocks.0.resid_post"), affine(d, 0), aggregation="ema")
+
+
+def test_a_bank_of_one_aggregation_matches_the_same_probe_in_a_mixed_bank(runner, bank):
+    """Banks keep only the statistics their detectors use; the shortcut must not change scores."""
+    mean_only = DetectorBank([bank.detectors[1], bank.detectors[5]])
+    assert mean_only.kinds == ["mean"]
+    items = [runner.encode(p, chat=True) for p in PROMPTS]
+    mixed = runner.score(items, bank, batch_size=4)
+    alone = runner.score(items, mean_only, batch_size=4)
+    for a, b in zip(mixed, alone):
+        np.testing.assert_allclose(a.probs[[1, 5]], b.probs, atol=1e-6)
