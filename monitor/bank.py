@@ -31,6 +31,7 @@ class Detector:
     alpha: float | None = None  # ema
     window: int | None = None  # rolling_max
     threshold: float = 0.5
+    input_format: str = "chat"  # how plain text is encoded for this probe: as a user turn, or raw
     manifest: object | None = field(default=None, repr=False)
 
     def __post_init__(self):
@@ -53,6 +54,7 @@ class Detector:
             alpha=m.aggregation.alpha,
             window=m.aggregation.window,
             threshold=m.threshold,
+            input_format=m.input_format,
             manifest=m,
         )
 
@@ -103,6 +105,14 @@ class DetectorBank:
         ids = [d.id for d in detectors]
         if len(set(ids)) != len(ids):
             raise ValueError(f"duplicate detector ids in bank: {sorted(ids)}")
+        formats = {d.input_format for d in detectors}
+        if len(formats) > 1:
+            raise ValueError(
+                "these detectors expect plain text encoded differently (chat turn vs raw text): "
+                + ", ".join(f"{d.id}={d.input_format}" for d in detectors)
+                + "; load them in separate servers or retrain one of them"
+            )
+        self.input_format = formats.pop() if formats else "chat"
         self.detectors = list(detectors)
         self.device = torch.device(device)
         by_point: dict[HookPoint, list[int]] = {}

@@ -249,11 +249,11 @@ def score(
     folders = pack_folders(pack, detector)
     runner = load_runner(model, device)
     packs = load_pack_folders(folders, runner, detector)
-    formats = {p.manifest.input_format for p in packs}
-    if len(formats) > 1:
-        fail("these packs expect different input formats (chat and raw): score them in separate runs")
-    bank = DetectorBank([Detector.from_pack(p) for p in packs], device=runner.device)
-    results = runner.score(encode_all(runner, examples, chat=formats == {"chat"}), bank,
+    try:
+        bank = DetectorBank([Detector.from_pack(p) for p in packs], device=runner.device)
+    except ValueError as e:
+        fail(str(e))
+    results = runner.score(encode_all(runner, examples, chat=bank.input_format == "chat"), bank,
                            batch_size=batch_size, progress=True)
     write_jsonl(output, (
         {"id": ex.id, "scores": dict(zip(bank.ids, map(float, r.probs))),

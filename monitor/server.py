@@ -465,7 +465,9 @@ class Service:
             if bool(inp.text) == bool(inp.messages):
                 raise RequestError("INVALID_ARGUMENT", f"inputs[{i}]: set exactly one of text or messages")
             if inp.text:
-                items.append(await self._encode(f"inputs[{i}].text", text=inp.text))
+                # plain text is encoded the way the loaded probes were trained (usually a user turn)
+                items.append(await self._encode(f"inputs[{i}].text", text=inp.text,
+                                                chat=policy.bank.input_format == "chat"))
             else:
                 items.append(await self._encode(f"inputs[{i}]", messages=list(inp.messages)))
         bank, results = await asyncio.wrap_future(self.scheduler.submit_score(items))

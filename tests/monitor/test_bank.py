@@ -123,3 +123,11 @@ def test_a_bank_of_one_aggregation_matches_the_same_probe_in_a_mixed_bank(runner
     alone = runner.score(items, mean_only, batch_size=4)
     for a, b in zip(mixed, alone):
         np.testing.assert_allclose(a.probs[[1, 5]], b.probs, atol=1e-6)
+
+
+def test_bank_refuses_detectors_that_encode_text_differently(runner):
+    d = runner.d_model
+    chat = Detector("c", "1", HookPoint.parse("blocks.0.resid_post"), affine(d, 0), input_format="chat")
+    raw = Detector("r", "1", HookPoint.parse("blocks.0.resid_post"), affine(d, 1), input_format="raw")
+    with pytest.raises(ValueError, match="c=chat, r=raw"):
+        DetectorBank([chat, raw])

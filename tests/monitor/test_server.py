@@ -39,12 +39,18 @@ def metric(srv, name, **labels):
     return srv.server.metrics.value(name, labels) or 0.0
 
 
+def test_plain_text_is_scored_the_way_the_packs_were_trained(client):
+    """Chat-trained packs see a plain-text Score input as a user turn: no train/serve skew."""
+    text, chat = client.score(["is this a user turn?", [{"role": "user", "content": "is this a user turn?"}]])
+    assert text.token_count == chat.token_count and text.scores == pytest.approx(chat.scores, abs=1e-6)
+
+
 def test_list_detectors_and_score(client):
     dets = {d.id: d for d in client.list_detectors()}
     assert set(dets) == {"always", "never"} and dets["always"].hook_point == "blocks.1.resid_post"
     res = client.score(["hello world", [{"role": "user", "content": "hi there"}]], include_token_scores=True)
     assert [r.flagged for r in res] == [{"always": True, "never": False}] * 2
-    assert len(res[0].tokens) == res[0].token_count == len(res[0].token_scores["always"])
+    assert 0 < len(res[0].tokens) == len(res[0].token_scores["always"]) < res[0].token_count  # user turn on
 
 
 def test_generate_streams_tokens_alert_and_summary_and_alerts_are_stored(client):
