@@ -84,8 +84,9 @@ def main() -> None:
     best = {(name, n): 0.0 for name in servers for n in (1, 8)}
     metrics = servers["monitored"].server.metrics
     overhead_before, monitored_wall = metrics.value("latentwatch_monitor_overhead_seconds_total") or 0.0, 0.0
-    for _ in range(args.repeats):
-        for name, srv in servers.items():
+    for rep in range(args.repeats):
+        order = list(servers.items()) if rep % 2 == 0 else list(reversed(servers.items()))  # no order bias
+        for name, srv in order:
             for n in (1, 8):
                 started = time.perf_counter()
                 best[(name, n)] = max(best[(name, n)], run_streams(srv.target, n, args.tokens))
