@@ -86,6 +86,7 @@ class Generation:
                 gen = torch.Generator(device=dev)
                 gen.manual_seed(s.seed if s.seed is not None else int(torch.randint(0, 2**62, ()).item()))
             self.rows.append(_Row(i, s, gen))
+        self.sampling = SamplingTensors(sampling, dev)
         self.plan = SteeringPlan(len(prompts), dev, runner.dtype)
         for r, items in enumerate(steering or []):
             for s in items:
@@ -152,7 +153,7 @@ class Generation:
             logits = runner.forward(batch, cache=self.cache)
         finally:
             runner._pass = _Pass()
-        tokens = sample(logits, [r.sampling for r in self.rows], [r.generator for r in self.rows])
+        tokens = sample(logits, self.sampling, [r.generator for r in self.rows])
         parts = [tokens.float()[:, None]]
         p = 0
         if self.state is not None:
@@ -217,6 +218,7 @@ class Generation:
             self.next_tokens = self.next_tokens.index_select(0, idx)
         if self.state is not None:
             self.state.select(idx)
+        self.sampling.select(idx)
         self.plan.select(keep)
 
     def _row_index(self, request: int) -> int:
@@ -239,22 +241,33 @@ def _eos_ids(runner: ModelRunner) -> set[int]:
     return {i for i in ids if i is not None}
 
 
-def sample(logits: torch.Tensor, params: list[Sampling], generators: list) -> torch.Tensor:
+class SamplingTensors:
+    """Per-row sampling parameters kept on the device, so a decode step copies nothing to it."""
+
+    def __init__(self, params: list[Sampling], device):
+        self.any_sampling = any(p.temperature > 0 for p in params)
+        self.temps = torch.tensor([[p.temperature or 1.0] for p in params], device=device)
+        self.top_k = torch.tensor([[p.top_k] for p in params], device=device)
+        self.top_p = torch.tensor([[p.top_p] for p in params], device=device)
+        self.greedy = torch.tensor([p.temperature == 0 for p in params], device=device)
+
+    def select(self, idx: torch.Tensor) -> None:
+        for name in ("temps", "top_k", "top_p", "greedy"):
+            setattr(self, name, getattr(self, name).index_select(0, idx))
+
+
+def sample(logits: torch.Tensor, params: SamplingTensors, generators: list) -> torch.Tensor:
     """Per-row greedy / temperature / top-k / top-p sampling, on the device."""
     greedy = logits.argmax(-1)
-    if all(p.temperature == 0 for p in params):
+    if not params.any_sampling:
         return greedy
-    dev = logits.device
-    temps = torch.tensor([p.temperature or 1.0 for p in params], device=dev)[:, None]
-    x, order = (logits.float() / temps).sort(-1, descending=True)
-    rank = torch.arange(x.shape[1], device=dev)
-    top_k = torch.tensor([p.top_k or x.shape[1] for p in params], device=dev)[:, None]
+    x, order = (logits.float() / params.temps).sort(-1, descending=True)
+    rank = torch.arange(x.shape[1], device=x.device)
+    top_k = torch.where(params.top_k > 0, params.top_k, x.shape[1])
     probs = x.softmax(-1)
-    top_p = torch.tensor([p.top_p for p in params], device=dev)[:, None]
-    drop = (rank >= top_k) | ((probs.cumsum(-1) - probs) > top_p)
+    drop = (rank >= top_k) | ((probs.cumsum(-1) - probs) > params.top_p)
     x = x.masked_fill(drop, -torch.inf)
-    noise = torch.stack([torch.rand(x.shape[1], generator=g, device=dev) for g in generators])
+    noise = torch.stack([torch.rand(x.shape[1], generator=g, device=x.device) for g in generators])
     choice = (x - torch.log(-torch.log(noise.clamp(min=1e-20)))).argmax(-1, keepdim=True)
     sampled = order.gather(1, choice)[:, 0]
-    is_greedy = torch.tensor([p.temperature == 0 for p in params], device=dev)
-    return torch.where(is_greedy, greedy, sampled)
+    return torch.where(params.greedy, greedy, sampled)

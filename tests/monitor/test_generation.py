@@ -100,3 +100,12 @@ def test_seeded_sampling_is_reproducible(runner, bank):
 def test_invalid_sampling_values_name_the_field(field, value):
     with pytest.raises(ValueError, match=field):
         Sampling(**{field: value})
+
+
+def test_rows_keep_their_own_sampling_after_other_rows_finish(runner, bank):
+    items = [runner.encode(p) for p in PROMPTS[:2]]
+    seeded = Sampling(max_new_tokens=6, temperature=0.8, top_k=20, seed=3)
+    mixed = collect(Generation(runner, items, [Sampling(max_new_tokens=2), seeded], bank))
+    alone = collect(Generation(runner, items[1:], [seeded], bank))
+    assert len(mixed[0]) == 2
+    assert [e.token_id for e in mixed[1]] == [e.token_id for e in alone[0]]
