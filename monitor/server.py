@@ -429,16 +429,12 @@ class Service:
             if isinstance(request, _BadRequest):
                 raise RequestError("INVALID_ARGUMENT", request.message)
             return await fn(request, context)
-        except RequestError as e:
-            outcome = e.code.lower()
-            await context.abort(getattr(grpc.StatusCode, e.code), e.message)
         except asyncio.CancelledError:
             outcome = "cancelled"
             raise
         except Exception as e:
-            log.exception("%s failed", kind)
-            outcome = "internal"
-            await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(e).__name__}: {e}")
+            outcome, code, message = _failure(kind, e)
+            await context.abort(code, message)
         finally:
             self.metrics.observe_request(kind, outcome, time.monotonic() - t0)
 
@@ -524,16 +520,12 @@ class Service:
                 for msg in item:
                     yield msg
             outcome = OUTCOME.get(job.reason, "internal")
-        except RequestError as e:
-            outcome = e.code.lower()
-            await context.abort(getattr(grpc.StatusCode, e.code), e.message)
         except asyncio.CancelledError:
             outcome = "cancelled"
             raise
         except Exception as e:
-            log.exception("generate failed")
-            outcome = "internal"
-            await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(e).__name__}: {e}")
+            outcome, code, message = _failure("generate", e)
+            await context.abort(code, message)
         finally:
             if job is not None and not job.finished.is_set():
                 job.cancel()  # client gone or deadline: the row leaves the batch before the next step
@@ -637,6 +629,14 @@ class Service:
             "GetAlerts": unary(self.GetAlerts, pb.GetAlertsRequest, pb.GetAlertsResponse),
             "ReloadDetectors": unary(self.ReloadDetectors, pb.ReloadDetectorsRequest, pb.ReloadDetectorsResponse),
         })
+
+
+def _failure(kind: str, e: Exception) -> tuple[str, grpc.StatusCode, str]:
+    """(outcome label, status, message) for an RPC that failed: the request's fault or ours."""
+    if isinstance(e, RequestError):
+        return e.code.lower(), getattr(grpc.StatusCode, e.code), e.message
+    log.exception("%s failed", kind)
+    return "internal", grpc.StatusCode.INTERNAL, f"internal error: {type(e).__name__}: {e}"
 
 
 def _detector_record(d: Detector) -> DetectorRecord:
