@@ -21,7 +21,7 @@ import torch
 
 from monitor.bank import Detector, DetectorBank
 from monitor.hooks import HookPoint
-from monitor.runner import ModelRunner, _Pass, encode_all
+from monitor.runner import HookPass, ModelRunner, encode_all
 from probes.kinds.base import ScoringHead
 from probes.recipes import harmful_intent_splits
 
@@ -66,7 +66,7 @@ def main() -> None:
         with runner.attached(bank.hook_points):
             for _, b in runner.batches(items, args.batch_size, "", False):
                 state = bank.state(b["input_ids"].shape[0])
-                runner._pass = _Pass(bank_state=state)
+                runner.hook_pass = HookPass(bank_state=state)
                 state.begin_step(*b["input_ids"].shape)
                 with torch.inference_mode():
                     runner.model(input_ids=b["input_ids"], attention_mask=b["attention_mask"],

@@ -17,7 +17,7 @@ import torch
 from transformers import DynamicCache
 
 from monitor.bank import DetectorBank
-from monitor.runner import Encoded, ModelRunner, _Pass
+from monitor.runner import Encoded, HookPass, ModelRunner
 from monitor.steering import Steering, SteeringPlan
 
 
@@ -146,13 +146,13 @@ class Generation:
             batch = {"input_ids": self.next_tokens[:, None], "attention_mask": self.mask, "position_ids": position}
             scored = torch.ones_like(position, dtype=torch.bool)
         runner = self.runner
-        runner._pass = _Pass(bank_state=self.state, plan=self.plan, phase="prompt" if first else "generated")
+        runner.hook_pass = HookPass(bank_state=self.state, plan=self.plan, phase="prompt" if first else "generated")
         if self.state is not None:
             self.state.begin_step(*batch["input_ids"].shape)
         try:
             logits = runner.forward(batch, cache=self.cache)
         finally:
-            runner._pass = _Pass()
+            runner.hook_pass = HookPass()
         tokens = sample(logits, self.sampling, [r.generator for r in self.rows])
         parts = [tokens.float()[:, None]]
         p = 0

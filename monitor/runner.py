@@ -89,7 +89,7 @@ class StopForward(Exception):
 
 
 @dataclass
-class _Pass:
+class HookPass:
     """What the hooks do during the current forward pass."""
 
     bank_state: BankState | None = None
@@ -113,7 +113,7 @@ class ModelRunner:
         )
         pad = tokenizer.pad_token_id
         self.pad_id = pad if pad is not None else (tokenizer.eos_token_id or 0)
-        self._pass = _Pass()
+        self.hook_pass = HookPass()
         self._fingerprint = None
         self.monitor_seconds = 0.0  # host time spent in hooks and bank updates, for the overhead metric
 
@@ -230,7 +230,7 @@ class ModelRunner:
     def _hook(self, point: HookPoint):
         def fn(h: torch.Tensor):
             started = time.perf_counter()
-            ctx = self._pass
+            ctx = self.hook_pass
             out = None
             if ctx.plan is not None:
                 out = ctx.plan.apply(point, h, ctx.phase)
@@ -256,10 +256,10 @@ class ModelRunner:
         finally:
             for h in handles:
                 h.remove()
-            self._pass = _Pass()
+            self.hook_pass = HookPass()
 
     def forward(self, batch: dict, *, cache=None, logits: bool = True):
-        """One forward pass under the current `_Pass`; returns last-position logits or None."""
+        """One forward pass under the current `HookPass`; returns last-position logits or None."""
         try:
             with torch.inference_mode():
                 out = self.model(
@@ -307,7 +307,7 @@ class ModelRunner:
         with self.attached(bank.hook_points):
             for idx, b in self.batches(items, batch_size, "scoring", progress):
                 state = bank.state(len(idx))
-                self._pass = _Pass(bank_state=state, stop_at=bank.deepest if early_stop else None)
+                self.hook_pass = HookPass(bank_state=state, stop_at=bank.deepest if early_stop else None)
                 state.begin_step(*b["input_ids"].shape)
                 self.forward(b, logits=not early_stop)
                 agg = self.update(state, b["scored"]).sigmoid()
@@ -350,7 +350,7 @@ class ModelRunner:
 
                     return pool
 
-                self._pass = _Pass(capture={p: pooler(p) for p in points}, stop_at=points[-1])
+                self.hook_pass = HookPass(capture={p: pooler(p) for p in points}, stop_at=points[-1])
                 self.forward(b, logits=False)
                 host = {k: v.cpu().numpy() for k, v in pooled.items()}
                 for k, v in host.items():

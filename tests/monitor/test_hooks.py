@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from monitor.hooks import ADAPTERS, HookMap, HookPoint, HookPointError
-from monitor.runner import _Pass
+from monitor.runner import HookPass
 from tests.tiny import CONFIGS, tiny_runner
 
 FAMILIES = sorted(CONFIGS)
@@ -20,7 +20,7 @@ def capture_all(runner, batch, points):
         return fn
 
     with runner.attached(points):
-        runner._pass = _Pass(capture={p: keep(p) for p in points})
+        runner.hook_pass = HookPass(capture={p: keep(p) for p in points})
         runner.forward(batch, logits=False)
     return seen
 

@@ -6,7 +6,7 @@ import torch
 
 from monitor.bank import Detector, DetectorBank
 from monitor.hooks import HookPoint
-from monitor.runner import InputError, InputTooLong, _Pass
+from monitor.runner import HookPass, InputError, InputTooLong
 from probes.pack import load_packs, shipped_packs_dir
 
 pytestmark = pytest.mark.slow
@@ -30,7 +30,7 @@ def test_resid_post_equals_output_hidden_states_on_smollm2(smollm2):
     points = [HookPoint.parse(f"blocks.{i}.resid_post") for i in range(29)]
     seen = {}
     with smollm2.attached(points):
-        smollm2._pass = _Pass(capture={p: (lambda h, p=p: seen.__setitem__(p, h.clone())) for p in points})
+        smollm2.hook_pass = HookPass(capture={p: (lambda h, p=p: seen.__setitem__(p, h.clone())) for p in points})
         smollm2.forward(b, logits=False)
     with torch.inference_mode():
         ref = smollm2.model(input_ids=b["input_ids"], attention_mask=b["attention_mask"],

@@ -6,7 +6,7 @@ import torch
 from monitor.bank import Detector, DetectorBank
 from monitor.generation import Generation, Sampling
 from monitor.hooks import HookPoint
-from monitor.runner import _Pass
+from monitor.runner import HookPass
 from monitor.steering import Steering, SteeringPlan
 from probes.kinds.base import ScoringHead
 from tests.tiny import tiny_runner
@@ -23,7 +23,7 @@ def logits_with(runner, plan):
     items = [runner.encode(t, chat=True) for t in ("first row here", "second", "third row, longest of all")]
     b = runner.batch(items)
     with runner.attached(plan.hook_points if plan else []):
-        runner._pass = _Pass(plan=plan)
+        runner.hook_pass = HookPass(plan=plan)
         with torch.inference_mode():
             return runner.model(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
                                 position_ids=b["position_ids"]).logits
