@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -15,6 +16,8 @@ from monitor.cli_serve import register as register_service_commands
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="White-box safety monitor for language models.")
 console = Console(stderr=True)
+# Tables go to stdout; when piped, rich would squeeze them to 80 columns and cut ids short.
+out = Console() if sys.stdout.isatty() else Console(width=200)
 
 ModelOpt = Annotated[str | None, typer.Option("--model", help="HF id, local folder, GGUF file; default SmolLM2-135M")]
 DeviceOpt = Annotated[str | None, typer.Option("--device", help="cuda / cpu (default: cuda when available)")]
@@ -172,7 +175,7 @@ def print_metrics(metrics: dict[str, dict[str, float]]) -> None:
     for name, d in metrics.items():
         table.add_row(name, str(int(d.get("n_pos", 0))), str(int(d.get("n_neg", 0))), fmt(d, "auroc"), fmt(d, "auprc"),
                       fmt(d, "recall_at_1pct_fpr"), fmt(d, "recall_at_threshold"), fmt(d, "fpr_at_threshold"))
-    Console().print(table)
+    out.print(table)
 
 
 # ------------------------------------------------------------------------------------- eval
@@ -224,7 +227,7 @@ def eval_(
         print(json.dumps(results, indent=2))
         return
     for pid, metrics in results.items():
-        Console().print(f"[bold]{pid}[/]")
+        out.print(f"[bold]{pid}[/]")
         print_metrics(metrics)
 
 
@@ -281,7 +284,7 @@ def detectors(
         m = p.manifest
         cal = f"{m.calibration.target_fpr:.1%} FPR, {m.calibration.benign_set}" if m.calibration else "-"
         table.add_row(m.id, m.version, m.kind, m.hook_point, m.aggregation.kind, f"{m.threshold:.4f}", cal)
-    Console().print(table)
+    out.print(table)
 
 
 register_service_commands(app)

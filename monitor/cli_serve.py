@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import sys
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated
@@ -14,6 +15,7 @@ from rich.console import Console
 from rich.table import Table
 
 console = Console(stderr=True)
+out = Console() if sys.stdout.isatty() else Console(width=200)  # piped tables keep full ids
 
 
 def serve(
@@ -97,7 +99,7 @@ def alerts(
         table.add_row(r.created_at.strftime("%Y-%m-%d %H:%M:%S"), f"{r.detector_id}@{r.detector_version}",
                       f"{r.score:.3f}", f"{r.threshold:.3f}", r.action, r.request_id[:12], r.client_id or "",
                       "" if r.token_index is None else str(r.token_index), (r.span_text or "")[:40])
-    Console().print(table)
+    out.print(table)
 
 
 def _utc(t: datetime | None) -> datetime | None:
