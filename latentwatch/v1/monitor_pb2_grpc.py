@@ -89,7 +89,8 @@ class MonitorServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetAlerts(self, request, context):
-        """GetAlerts pages through recorded alerts, newest first (AIP-158 paging).
+        """GetAlerts pages through recorded alerts, oldest first (AIP-158 keyset paging: pages stay
+        stable while new alerts arrive).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
