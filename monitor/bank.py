@@ -230,7 +230,14 @@ class BankState:
             out = candidates.gather(0, self.bank.agg_code.expand(1, *self.sum.shape)).squeeze(0)
         return torch.where(self.count > 0, out, 0.0)
 
+    STATS = ("count", "sum", "max", "last", "ema", "ema_decay", "recent")
+
     def select(self, rows: torch.Tensor) -> None:
         """Keep only these rows (finished requests leave the batch)."""
-        for name in ("count", "sum", "max", "last", "ema", "ema_decay", "recent"):
+        for name in self.STATS:
             setattr(self, name, getattr(self, name).index_select(0, rows))
+
+    def extend(self, other: BankState) -> None:
+        """Append another batch's rows (requests joining a running generation)."""
+        for name in self.STATS:
+            setattr(self, name, torch.cat([getattr(self, name), getattr(other, name)]))

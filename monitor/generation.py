@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 from monitor.bank import DetectorBank
 from monitor.runner import Encoded, HookPass, ModelRunner
@@ -74,6 +75,9 @@ class Generation:
         sampling: list[Sampling],
         bank: DetectorBank | None = None,
         steering: list[list[Steering]] | None = None,
+        *,
+        first_request: int = 0,
+        handles: dict | None = None,
     ):
         if len(prompts) != len(sampling):
             raise ValueError("one Sampling per prompt")
@@ -85,7 +89,8 @@ class Generation:
             if s.temperature > 0:
                 gen = torch.Generator(device=dev)
                 gen.manual_seed(s.seed if s.seed is not None else int(torch.randint(0, 2**62, ()).item()))
-            self.rows.append(_Row(i, s, gen))
+            self.rows.append(_Row(first_request + i, s, gen))
+        self.requests = first_request + len(prompts)  # request ids handed out so far
         self.sampling = SamplingTensors(sampling, dev)
         self.plan = SteeringPlan(len(prompts), dev, runner.dtype)
         for r, items in enumerate(steering or []):
@@ -99,7 +104,9 @@ class Generation:
         self.mask = self.batch["attention_mask"]
         self.next_tokens: torch.Tensor | None = None
         self.eos = _eos_ids(runner)
-        self._handles: dict = {}
+        # A batch joined into a running one shares its hooks; only the owner removes them.
+        self._owns_handles = handles is None
+        self._handles: dict = {} if handles is None else handles
         self._attach(bank.hook_points if self.state else [])
         self._attach(self.plan.hook_points)
 
@@ -124,10 +131,55 @@ class Generation:
         self._attach([steering.hook_point])
         self.plan.add(row, steering)
 
+    @property
+    def can_join(self) -> bool:
+        """Whether new requests can join at a step boundary. The plain KV cache Generation builds
+        (sliding windows are applied by the attention mask) can be left-padded; a cache with
+        sliding-window or static layers could not, and its requests would join the next batch."""
+        return all(type(layer) is DynamicLayer for layer in self.cache.layers)
+
+    def join(self, prompts: list[Encoded], sampling: list[Sampling],
+             steering: list[list[Steering]] | None = None) -> list[TokenEvent]:
+        """Prefill new requests and merge them into this batch; returns their first tokens.
+
+        Their request ids continue from `self.requests`. From the next step on they decode
+        together with the running rows, in the same forward passes.
+        """
+        if not self.can_join:
+            raise RuntimeError("this model's KV cache cannot take new rows mid-decode")
+        newcomer = Generation(self.runner, prompts, sampling, self.bank, steering,
+                              first_request=self.requests, handles=self._handles)
+        self.requests = newcomer.requests
+        events = newcomer.step()
+        if not newcomer.done:
+            self._absorb(newcomer)
+        return events
+
+    def _absorb(self, other: Generation) -> None:
+        """Concatenate another batch's rows; the shorter KV cache is left-padded (masked out)."""
+        width = max(self.mask.shape[1], other.mask.shape[1])
+
+        def left_pad(t: torch.Tensor, dim: int) -> torch.Tensor:
+            missing = width - t.shape[dim]
+            pad = [0, 0] * (t.dim() - 1 - dim % t.dim()) + [missing, 0]
+            return torch.nn.functional.pad(t, pad) if missing else t
+
+        for mine, theirs in zip(self.cache.layers, other.cache.layers):
+            mine.keys = torch.cat([left_pad(mine.keys, -2), left_pad(theirs.keys, -2)])
+            mine.values = torch.cat([left_pad(mine.values, -2), left_pad(theirs.values, -2)])
+        self.mask = torch.cat([left_pad(self.mask, 1), left_pad(other.mask, 1)])
+        self.next_tokens = torch.cat([self.next_tokens, other.next_tokens])
+        if self.state is not None:
+            self.state.extend(other.state)
+        self.sampling.extend(other.sampling)
+        self.plan.extend(other.plan)
+        self.rows += other.rows
+
     def close(self) -> None:
-        for h in self._handles.values():
-            h.remove()
-        self._handles.clear()
+        if self._owns_handles:
+            for h in self._handles.values():
+                h.remove()
+            self._handles.clear()
         self.rows = []
 
     # ------------------------------------------------------------------------------ stepping
@@ -251,9 +303,16 @@ class SamplingTensors:
         self.top_p = torch.tensor([[p.top_p] for p in params], device=device)
         self.greedy = torch.tensor([p.temperature == 0 for p in params], device=device)
 
+    FIELDS = ("temps", "top_k", "top_p", "greedy")
+
     def select(self, idx: torch.Tensor) -> None:
-        for name in ("temps", "top_k", "top_p", "greedy"):
+        for name in self.FIELDS:
             setattr(self, name, getattr(self, name).index_select(0, idx))
+
+    def extend(self, other: SamplingTensors) -> None:
+        self.any_sampling = self.any_sampling or other.any_sampling
+        for name in self.FIELDS:
+            setattr(self, name, torch.cat([getattr(self, name), getattr(other, name)]))
 
 
 def sample(logits: torch.Tensor, params: SamplingTensors, generators: list) -> torch.Tensor:

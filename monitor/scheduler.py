@@ -3,7 +3,9 @@
 Hooks share per-runner state, so every forward pass runs on this thread. Concurrent Score calls
 are merged into batches (closed when full or `max_wait_ms` after the first arrival). Concurrent
 Generate requests are decoded together in one `Generation` (one forward per step for all rows);
-requests arriving while a generation batch decodes join the next batch, and waiting Score
+requests arriving while a generation batch decodes join it at the next step boundary (prefilled
+on their own, then merged into the KV cache; a cache that cannot be left-padded makes them wait
+for the next batch), and waiting Score
 batches are served between decode steps so scoring never waits for a long generation.
 Cancellation and deadlines are checked before every step, so a cancelled row runs at most one
 more step.
@@ -254,18 +256,8 @@ class Scheduler:
                 first = False
                 for row in active:
                     jobs[row].steps += 1
-                for ev in events:
-                    job = jobs[ev.row]
-                    reaction = job.on_token(ev)
-                    if reaction.block:
-                        if ev.finish_reason is None:
-                            gen.stop(ev.row)
-                        self._end(job, "blocked")
-                    elif ev.finish_reason is not None:
-                        self._end(job, ev.finish_reason)
-                    elif reaction.steer:
-                        for s in reaction.steer:
-                            gen.steer(ev.row, s)
+                self._react(gen, jobs, events)
+                self._join_waiting(gen, jobs, bank)
                 if self._scores_ready():  # Score never waits for a long generation
                     self._run_scores()
                 while self._calls_pending_cheap():
@@ -281,6 +273,43 @@ class Scheduler:
                 if not j.finished.is_set():
                     self._end(j, "cancelled" if j.cancelled else "error", None)
             self.running_jobs = []
+
+    def _react(self, gen: Generation, jobs: list[GenJob], events: list[TokenEvent]) -> None:
+        """Hand each token to its request; apply what its policy asks for before the next step."""
+        for ev in events:
+            job = jobs[ev.row]
+            reaction = job.on_token(ev)
+            if reaction.block:
+                if ev.finish_reason is None:
+                    gen.stop(ev.row)
+                self._end(job, "blocked")
+            elif ev.finish_reason is not None:
+                self._end(job, ev.finish_reason)
+            elif reaction.steer:
+                for s in reaction.steer:
+                    gen.steer(ev.row, s)
+
+    def _join_waiting(self, gen: Generation, jobs: list[GenJob], bank: DetectorBank | None) -> None:
+        """Requests that arrived mid-decode join at this step boundary while the batch has room."""
+        room = self.gen_batch - len(gen.active())
+        if room <= 0 or gen.done or not gen.can_join:
+            return
+        with self._cond:
+            waiting = [self._gens.popleft() for _ in range(min(room, len(self._gens)))]
+            self.metrics.set_scheduler_queue_depth("generate", len(self._gens))
+        waiting = [j for j in waiting if not self._finish_if_cancelled(j)]
+        if not waiting:
+            return
+        assert gen.requests == len(jobs)  # request ids index `jobs`
+        jobs.extend(waiting)
+        for j in waiting:
+            j.on_start(bank)
+        events = gen.join([j.encoded for j in waiting], [j.sampling for j in waiting], [j.steering for j in waiting])
+        self.metrics.observe_batch("generate", len(waiting), "prefill")
+        self.metrics.add_monitor_overhead(self.runner.take_monitor_seconds())
+        for j in waiting:
+            j.steps += 1
+        self._react(gen, jobs, events)
 
     def _calls_pending_cheap(self) -> bool:
         """Calls (e.g. detector reloads) never wait for a running generation either."""

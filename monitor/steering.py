@@ -72,6 +72,10 @@ class SteeringPlan:
         self.rows = [self.rows[i] for i in keep]
         self._fused.clear()
 
+    def extend(self, other: SteeringPlan) -> None:
+        self.rows += other.rows
+        self._fused.clear()
+
     @property
     def hook_points(self) -> set[HookPoint]:
         return {s.hook_point for row in self.rows for s in row}

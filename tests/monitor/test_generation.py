@@ -13,7 +13,7 @@ from tests.tiny import tiny_runner
 PROMPTS = ["Once upon a time", "Write a haiku about the sea and the long grey shore", "Why?"]
 
 
-@pytest.fixture(scope="module", params=["llama", "gpt2"])
+@pytest.fixture(scope="module", params=["llama", "gpt2", "gemma2"])
 def runner(request):
     return tiny_runner(request.param)
 
@@ -109,3 +109,24 @@ def test_rows_keep_their_own_sampling_after_other_rows_finish(runner, bank):
     alone = collect(Generation(runner, items[1:], [seeded], bank))
     assert len(mixed[0]) == 2
     assert [e.token_id for e in mixed[1]] == [e.token_id for e in alone[0]]
+
+
+def test_requests_joining_mid_decode_get_the_same_tokens_and_scores_as_alone(runner, bank):
+    first, late = runner.encode(PROMPTS[1]), runner.encode(PROMPTS[0])
+    gen = Generation(runner, [first], [Sampling(max_new_tokens=6)], bank)
+    out = {0: gen.step() + gen.step()}
+    assert gen.can_join
+    joined = gen.join([late], [Sampling(max_new_tokens=4)])
+    assert [e.row for e in joined] == [1]
+    out[1] = joined
+    while not gen.done:
+        for e in gen.step():
+            out.setdefault(e.row, []).append(e)
+    gen.close()
+    for row, item, n in ((0, first, 6), (1, late, 4)):
+        alone = collect(Generation(runner, [item], [Sampling(max_new_tokens=n)], bank))[0]
+        assert [e.token_id for e in out[row]] == [e.token_id for e in alone]
+        for a, b in zip(alone, out[row]):
+            np.testing.assert_allclose(a.token_probs, b.token_probs, atol=1e-5)
+            np.testing.assert_allclose(a.aggregate, b.aggregate, atol=1e-5)
+

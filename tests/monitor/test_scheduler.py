@@ -58,3 +58,31 @@ def test_generations_share_steps_and_cancel_takes_effect_before_the_next_step():
     assert jobs[-1].tokens == 2 and jobs[-1].steps == 2
     assert m.value("latentwatch_forward_passes_total", {"kind": "prefill"}) == 1
     assert m.value("latentwatch_forward_passes_total", {"kind": "decode"}) == 9
+
+
+class Submitting(Counting):
+    """Submits another request from inside the decode loop, i.e. strictly mid-decode."""
+
+    def __init__(self, *a, scheduler=None, late=None, at=3, **k):
+        super().__init__(*a, **k)
+        self.scheduler, self.late, self.at = scheduler, late, at
+
+    def on_token(self, ev):
+        reaction = super().on_token(ev)
+        if self.tokens == self.at:
+            self.scheduler.submit_generate(self.late)
+        return reaction
+
+
+def test_a_request_arriving_mid_decode_joins_at_the_next_step_boundary():
+    r, bank, m, s = make(gen_batch=4, gen_wait_ms=0)
+    late = Counting(r.encode("late"), Sampling(max_new_tokens=4))
+    long = Submitting(r.encode("first"), Sampling(max_new_tokens=30), scheduler=s, late=late, at=3)
+    s.submit_generate(long)
+    assert long.finished.wait(60) and late.finished.wait(60)
+    s.stop(10)
+    assert (long.reason, late.reason) == ("length", "length") and late.tokens == 4
+    # the late request was prefilled on its own and then shared the long one's decode steps
+    assert m.value("latentwatch_forward_passes_total", {"kind": "prefill"}) == 2
+    assert m.value("latentwatch_forward_passes_total", {"kind": "decode"}) == 29
+    assert late.steps == 4 and long.steps == 30
