@@ -504,7 +504,7 @@ class Service:
 
     async def Generate(self, request, context):
         t0, outcome = time.monotonic(), "ok"
-        job = None
+        job, ended = None, False  # ended: the model thread said its last word for this request
         try:
             if isinstance(request, _BadRequest):
                 raise RequestError("INVALID_ARGUMENT", request.message)
@@ -513,6 +513,7 @@ class Service:
             self.scheduler.submit_generate(job)
             while True:
                 item = await job.queue.get()
+                ended = item is None or isinstance(item, RequestError)
                 if item is None:
                     break
                 if isinstance(item, RequestError):
@@ -527,7 +528,9 @@ class Service:
             outcome, code, message = _failure("generate", e)
             await context.abort(code, message)
         finally:
-            if job is not None and not job.finished.is_set():
+            # The stream can end before the model thread marks the job finished; only a request
+            # that stopped listening before its end is a cancellation.
+            if job is not None and not ended:
                 job.cancel()  # client gone or deadline: the row leaves the batch before the next step
                 outcome = "cancelled"
             self.metrics.observe_request("generate", outcome, time.monotonic() - t0)

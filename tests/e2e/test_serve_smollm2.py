@@ -16,6 +16,7 @@ from pathlib import Path
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client.parser import text_string_to_metric_families
 
 from monitor.client import Client, Summary
 
@@ -80,6 +81,15 @@ def server(tmp_path_factory):
         proc.kill()
 
 
+def sample(text: str, name: str, labels: dict) -> float:
+    """One sample's value from a Prometheus text scrape (0 when absent)."""
+    for family in text_string_to_metric_families(text):
+        for smp in family.samples:
+            if smp.name == name and all(smp.labels.get(k) == v for k, v in labels.items()):
+                return smp.value
+    return 0.0
+
+
 def metrics_text(mport: int) -> str:
     return urllib.request.urlopen(f"http://127.0.0.1:{mport}/metrics", timeout=10).read().decode()
 
@@ -117,7 +127,11 @@ def test_serve_end_to_end(server):
     assert gen_b.request_id not in {r["request_id"] for r in rows}
 
     after = metrics_text(mport)
-    assert after != before
+    grew = lambda name, **labels: sample(after, name, labels) > sample(before, name, labels)  # noqa: E731
+    assert grew("latentwatch_requests_total", kind="generate", outcome="ok")  # finished streams are not "cancelled"
+    assert grew("latentwatch_requests_total", kind="score", outcome="ok")
+    assert grew("latentwatch_tokens_total", kind="completion", outcome="ok")
+    assert grew("latentwatch_forward_passes_total", kind="decode")
     assert 'latentwatch_alerts_total{action="alert",detector="harmful_intent"}' in after
     promtool = shutil.which("promtool")
     assert promtool, "promtool is needed for this test (make install puts it on PATH)"

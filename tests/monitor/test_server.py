@@ -208,6 +208,7 @@ def test_metrics_move(setup):
     srv = setup[0]
     assert metric(srv, "latentwatch_requests_total", kind="score", outcome="ok") > 0
     assert metric(srv, "latentwatch_requests_total", kind="score", outcome="invalid_argument") > 0
+    assert metric(srv, "latentwatch_requests_total", kind="generate", outcome="ok") > 0  # finished, not cancelled
     assert metric(srv, "latentwatch_alerts_total", detector="always", action="alert") > 0
     assert metric(srv, "latentwatch_monitor_overhead_seconds_total") > 0  # hooks + bank were timed
     assert metric(srv, "latentwatch_time_to_first_token_seconds_count") > 0
