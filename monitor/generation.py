@@ -235,7 +235,7 @@ class Generation:
             piece = "" if tok in self.eos else self._decode(row)
             row.text += piece
             reason = None
-            if tok in self.eos or any(s in row.text for s in row.sampling.stop):
+            if tok in self.eos or _hits_stop(row.text, len(piece), row.sampling.stop):
                 reason = "stop"
             elif len(row.ids) >= row.sampling.max_new_tokens:
                 reason = "length"
@@ -283,6 +283,12 @@ class Generation:
         for point in points:
             if point not in self._handles:
                 self._handles[point] = self.runner.hooks.attach(point, self.runner._hook(point))
+
+
+def _hits_stop(text: str, added: int, stops: tuple[str, ...]) -> bool:
+    """Whether a stop sequence ends in the newly added characters (only the tail is searched, so
+    the check stays O(1) per token however long the completion grows)."""
+    return added > 0 and any(s in text[max(0, len(text) - added - len(s) + 1) :] for s in stops)
 
 
 def _eos_ids(runner: ModelRunner) -> set[int]:

@@ -304,19 +304,22 @@ class ModelRunner:
         results: list[ScoreResult | None] = [None] * len(items)
         if bank.size == 0:
             raise ValueError("the detector bank is empty: load at least one probe pack")
+        thresholds = bank.thresholds.cpu().numpy()
         with self.attached(bank.hook_points):
             for idx, b in self.batches(items, batch_size, "scoring", progress):
                 state = bank.state(len(idx))
                 self.hook_pass = HookPass(bank_state=state, stop_at=bank.deepest if early_stop else None)
                 state.begin_step(*b["input_ids"].shape)
                 self.forward(b, logits=not early_stop)
-                agg = self.update(state, b["scored"]).sigmoid()
-                tok = state.step_logits.sigmoid() if token_scores else None
-                agg, tok = (agg.cpu().numpy(), tok.cpu().numpy() if tok is not None else None)
+                agg = self.update(state, b["scored"])
                 width = b["input_ids"].shape[1]
+                # one host transfer per batch: aggregates ride along as an extra "position"
+                out = torch.cat([state.step_logits, agg[:, None]], 1) if token_scores else agg[:, None]
+                out = out.sigmoid().cpu().numpy()
+                agg, tok = out[:, -1], out[:, :-1] if token_scores else None
                 for j, i in enumerate(idx):
                     e = items[i]
-                    res = ScoreResult(agg[j], agg[j] >= bank.thresholds.cpu().numpy())
+                    res = ScoreResult(agg[j], agg[j] >= thresholds)
                     if tok is not None:
                         res.token_probs = tok[j, width - len(e) + e.score_from :]
                         res.token_offsets = e.offsets[e.score_from :]

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from monitor.bank import Detector, DetectorBank
-from monitor.generation import Generation, Sampling
+from monitor.generation import Generation, Sampling, _hits_stop
 from monitor.hooks import HookPoint
 from probes.kinds.base import ScoringHead
 from tests.tiny import tiny_runner
@@ -130,3 +130,22 @@ def test_requests_joining_mid_decode_get_the_same_tokens_and_scores_as_alone(run
             np.testing.assert_allclose(a.token_probs, b.token_probs, atol=1e-5)
             np.testing.assert_allclose(a.aggregate, b.aggregate, atol=1e-5)
 
+
+
+def test_stop_sequences_end_a_request_at_their_first_appearance():
+    runner = tiny_runner("gpt2")  # its random weights write text ("eee..."), so a stop sequence can occur
+    item = runner.encode(PROMPTS[1])
+    free = collect(Generation(runner, [item], [Sampling(max_new_tokens=12)]))[0]
+    full = "".join(e.text for e in free)
+    stop = full[1:3]
+    stopped = collect(Generation(runner, [item], [Sampling(max_new_tokens=12, stop=(stop,))]))[0]
+    text = "".join(e.text for e in stopped)
+    assert stopped[-1].finish_reason == "stop" and text.find(stop) == len(text) - len(stop)
+    assert [e.token_id for e in stopped] == [e.token_id for e in free[: len(stopped)]] and len(stopped) < len(free)
+
+
+def test_stop_check_only_looks_at_text_that_could_complete_a_new_match():
+    assert _hits_stop("abc STOP", 4, ("STOP",))
+    assert _hits_stop("abc ST" + "OP", 2, ("STOP",))  # a match completed by the new characters
+    assert not _hits_stop("STOP and more", 4, ("STOP",))  # an older match is not new
+    assert not _hits_stop("abc STOP", 0, ("STOP",))
