@@ -113,9 +113,6 @@ class HookMap:
         self.blocks: nn.ModuleList = _lookup(model, self.adapter.blocks)
         self.num_layers = len(self.blocks)
 
-    def all_points(self) -> list[str]:
-        return [f"blocks.{i}.{s}" for i in range(self.num_layers) for s in SITES]
-
     def resolve(self, name: str | HookPoint) -> HookPoint:
         point = name if isinstance(name, HookPoint) else HookPoint.parse(name)
         if not 0 <= point.layer < self.num_layers:

@@ -23,7 +23,6 @@ from prometheus_client import (
     Counter,
     Gauge,
     Histogram,
-    generate_latest,
 )
 from prometheus_client import start_http_server as _start_http_server
 
@@ -267,11 +266,6 @@ class Metrics:
         """Record one per-token detector score."""
         self.detector_score.labels(self.detector_label(detector_id)).observe(score)
 
-    def observe_scores(self, scores: Mapping[str, float]) -> None:
-        """Record one token's scores, ``{detector_id: score}``."""
-        for det, score in scores.items():
-            self.observe_score(det, score)
-
     def record_alert(self, detector_id: str, action: str) -> None:
         """Count an alert; action is alert, block or steer."""
         self.alerts.labels(self.detector_label(detector_id), _pick(action, ALERT_ACTIONS)).inc()
@@ -322,10 +316,6 @@ class Metrics:
         """A sample's current value by its exposed name, e.g.
         ``value("latentwatch_forward_passes_total", {"kind": "score"})``."""
         return self.registry.get_sample_value(name, dict(labels or {}))
-
-    def exposition(self) -> bytes:
-        """The registry in Prometheus text format."""
-        return generate_latest(self.registry)
 
     def start_http_server(self, port: int, addr: str = "0.0.0.0"):
         """Serve this registry at http://addr:port/metrics on a daemon thread.

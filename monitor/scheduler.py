@@ -89,7 +89,6 @@ class Scheduler:
         self._calls: collections.deque[tuple[Callable[[], Any], concurrent.futures.Future]] = collections.deque()
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="latentwatch-model", daemon=True)
-        self.running_jobs: list[GenJob] = []
         self.finished_jobs: collections.deque[GenJob] = collections.deque(maxlen=256)  # for tests/inspection
 
     # --------------------------------------------------------------------- public, any thread
@@ -222,14 +221,10 @@ class Scheduler:
             )
 
     def _run_generation(self) -> None:
-        with self._cond:
-            jobs = [self._gens.popleft() for _ in range(min(self.gen_batch, len(self._gens)))]
-            self.metrics.set_scheduler_queue_depth("generate", len(self._gens))
-        jobs = [j for j in jobs if not self._finish_if_cancelled(j)]
+        jobs = self._take_gens(self.gen_batch)
         if not jobs:
             return
         bank = self.bank if self.bank is not None and self.bank.size else None
-        self.running_jobs = jobs
         try:
             gen = Generation(self.runner, [j.encoded for j in jobs], [j.sampling for j in jobs], bank,
                              steering=[j.steering for j in jobs])
@@ -237,7 +232,6 @@ class Scheduler:
             log.exception("could not start a generation batch")
             for j in jobs:
                 self._end(j, "error", e)
-            self.running_jobs = []
             return
         for j in jobs:
             j.on_start(bank)
@@ -272,7 +266,13 @@ class Scheduler:
             for j in jobs:
                 if not j.finished.is_set():
                     self._end(j, "cancelled" if j.cancelled else "error", None)
-            self.running_jobs = []
+
+    def _take_gens(self, n: int) -> list[GenJob]:
+        """Up to n queued Generate requests, skipping any cancelled while they waited."""
+        with self._cond:
+            jobs = [self._gens.popleft() for _ in range(min(n, len(self._gens)))]
+            self.metrics.set_scheduler_queue_depth("generate", len(self._gens))
+        return [j for j in jobs if not self._finish_if_cancelled(j)]
 
     def _react(self, gen: Generation, jobs: list[GenJob], events: list[TokenEvent]) -> None:
         """Hand each token to its request; apply what its policy asks for before the next step."""
@@ -294,10 +294,7 @@ class Scheduler:
         room = self.gen_batch - len(gen.active())
         if room <= 0 or gen.done or not gen.can_join:
             return
-        with self._cond:
-            waiting = [self._gens.popleft() for _ in range(min(room, len(self._gens)))]
-            self.metrics.set_scheduler_queue_depth("generate", len(self._gens))
-        waiting = [j for j in waiting if not self._finish_if_cancelled(j)]
+        waiting = self._take_gens(room)
         if not waiting:
             return
         assert gen.requests == len(jobs)  # request ids index `jobs`
