@@ -16,7 +16,8 @@ from pathlib import Path
 from monitor.client import Client
 from monitor.config import Settings
 from monitor.runner import ModelRunner
-from monitor.server import Server, default_pack_dirs
+from monitor.server import Server
+from probes.pack import default_pack_dirs
 
 # Chat requests that make SmolLM2 write at length, so streams rarely end before --tokens.
 PROMPTS = ["Write a long story about a lighthouse keeper.", "Explain in detail how tides work.",

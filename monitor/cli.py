@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import random
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -39,19 +38,22 @@ def load_runner(model: str | None, device: str | None):
 
 
 def pack_folders(packs: list[Path] | None, detectors: list[str] | None) -> list[Path]:
-    """Pack folders given by path, else the shipped packs (optionally only the named ids)."""
-    from probes.pack import shipped_packs_dir
+    """Pack folders given by path, else the shipped packs named, else those enabled by default."""
+    from probes.pack import PackError, default_pack_dirs, shipped_packs
 
     if packs:
         return list(packs)
-    shipped = {p.name: p for p in sorted(shipped_packs_dir().glob("*")) if (p / "manifest.json").exists()}
-    wanted = detectors or list(shipped)
-    unknown = [d for d in wanted if d not in shipped]
+    try:
+        shipped = shipped_packs()
+    except PackError as e:
+        fail(str(e))
+    unknown = [d for d in detectors or [] if d not in shipped]
     if unknown:
         fail(f"unknown detector id(s) {unknown}; shipped packs: {sorted(shipped)}. Use --pack FOLDER for others.")
-    if not wanted:
+    folders = [shipped[d][0] for d in detectors] if detectors else default_pack_dirs()
+    if not folders:
         fail("no probe packs: pass --pack FOLDER (a folder with manifest.json and weights.safetensors)")
-    return [shipped[d] for d in wanted]
+    return folders
 
 
 def load_pack_folders(folders: list[Path], runner=None, detectors: list[str] | None = None):
@@ -78,9 +80,12 @@ def read_examples(path: Path, *, labelled: bool):
 
 LOGISTIC_GRID = [("logistic", {"C": c}) for c in (0.01, 0.1, 1.0)]
 RECIPE_SWEEPS = {
-    "harmful_intent": {"probes": LOGISTIC_GRID, "pools": ["mean", "last"], "calibration": "val_benign"},
+    "harmful_intent": {"probes": LOGISTIC_GRID, "pools": ["mean", "last"], "calibration": "dev_benign"},
     "deception": {"probes": [*LOGISTIC_GRID, ("lat", {}), ("diff_means", {})], "pools": ["mean"],
-                  "calibration": "repe_honest_val"},
+                  "calibration": "dev_honest", "enabled_by_default": False,
+                  "description": "Apollo-style instructed-pairs deception probe. Off by default: check the "
+                                 "liedetector_qa metrics for your model before enabling it (on SmolLM2-135M it "
+                                 "is at chance there)."},
 }
 
 
@@ -95,8 +100,9 @@ def train(
     out: Annotated[Path, typer.Option("--out", help="folder to write the probe pack to")],
     recipe: Annotated[str | None, typer.Option(help="harmful_intent or deception (reads ../shared/datasets)")] = None,
     data: Annotated[Path | None, typer.Option(help="labelled JSONL: {text|messages, label}")] = None,
-    val: Annotated[Path | None, typer.Option(help="labelled JSONL for selection (default: 20%% of --data)")] = None,
-    calibration: Annotated[Path | None, typer.Option(help="benign JSONL the threshold is calibrated on")] = None,
+    val: Annotated[Path | None, typer.Option(help="more labelled JSONL, pooled with --data")] = None,
+    calibration: Annotated[Path | None, typer.Option(help="benign JSONL to calibrate on "
+                                                     "(default: label-0 rows of --data, scored out of fold)")] = None,
     calibration_name: Annotated[str | None, typer.Option(help="name recorded for the benign set")] = None,
     eval_data: Annotated[list[Path] | None, typer.Option("--eval", help="labelled JSONL held-out set(s)")] = None,
     pack_id: Annotated[str | None, typer.Option("--id", help="pack id (default: recipe name or output folder)")] = None,
@@ -104,6 +110,7 @@ def train(
     hook_point: Annotated[list[str] | None, typer.Option(help="hook point(s), e.g. blocks.14.resid_post")] = None,
     pool: Annotated[list[str] | None, typer.Option(help="token pooling for training: mean, last")] = None,
     target_fpr: Annotated[float, typer.Option(help="false-positive rate on the benign set")] = 0.01,
+    folds: Annotated[int, typer.Option(help="cross-validation folds for selection and calibration")] = 5,
     raw: Annotated[bool, typer.Option("--raw", help="score text as raw text, not as a user chat turn")] = False,
     datasets: Annotated[str | None, typer.Option(help="shared datasets folder (recipes)")] = None,
     seed: int = 0,
@@ -127,25 +134,18 @@ def train(
         except (FileNotFoundError, ValueError) as e:
             fail(str(e))
         cal_name = sweep["calibration"]
-        tdata = TrainData(splits.train, splits.val, cal_name, splits.calibration[cal_name],
+        tdata = TrainData(splits.train + splits.val, cal_name, splits.calibration[cal_name],
                           {"test": splits.test, **splits.eval_sets}, recipe=recipe)
     else:
-        rows = read_examples(data, labelled=True)
-        if val is not None:
-            train_rows, val_rows = rows, read_examples(val, labelled=True)
-        else:
-            shuffled = rows[:]
-            random.Random(seed).shuffle(shuffled)
-            cut = max(1, len(shuffled) // 5)
-            train_rows, val_rows = shuffled[cut:], shuffled[:cut]
+        dev = read_examples(data, labelled=True) + (read_examples(val, labelled=True) if val is not None else [])
         if calibration is None:
-            cal_rows, cal_name = [r for r in val_rows if r.label == 0], "val_negatives"
+            cal_rows, cal_name = [r for r in dev if r.label == 0], "train_negatives"
         else:
             cal_rows, cal_name = read_examples(calibration, labelled=False), calibration_name or calibration.stem
         if not cal_rows:
             fail("no benign examples to calibrate on: pass --calibration FILE")
         evals = {p.stem: read_examples(p, labelled=True) for p in eval_data or []}
-        tdata = TrainData(train_rows, val_rows, cal_name, cal_rows, evals)
+        tdata = TrainData(dev, cal_name, cal_rows, evals)
     runner = load_runner(model, device)
     default_points = sweep_hook_points(runner.hooks.num_layers) if recipe else ["blocks.14.resid_post"]
     spec = TrainSpec(
@@ -157,6 +157,9 @@ def train(
         target_fpr=target_fpr,
         seed=seed,
         batch_size=batch_size,
+        folds=folds,
+        description=sweep.get("description", ""),
+        enabled_by_default=sweep.get("enabled_by_default", True),
     )
     try:
         pack, table = train_pack(runner, tdata, spec)
@@ -271,19 +274,26 @@ def score(
 
 @app.command()
 def detectors(
-    pack: Annotated[list[Path] | None, typer.Option(help="probe pack folder(s); default: shipped packs")] = None,
+    pack: Annotated[list[Path] | None, typer.Option(help="probe pack folder(s); default: every shipped pack")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print JSON instead of a table")] = False,
 ):
-    """List probe packs: id, version, kind, hook point, aggregation, threshold, calibration."""
-    packs = load_pack_folders(pack_folders(pack, None))
+    """List probe packs: id, version, kind, hook point, aggregation, threshold, calibration, default."""
+    from probes.pack import PackError, shipped_packs
+
+    try:
+        folders = pack or [folder for folder, _ in shipped_packs().values()]
+    except PackError as e:
+        fail(str(e))
+    packs = load_pack_folders(folders)
     if as_json:
         print(json.dumps([p.manifest.model_dump(exclude={"provenance"}) for p in packs], indent=2))
         return
-    table = Table("id", "version", "kind", "hook point", "aggregation", "threshold", "calibrated on")
+    table = Table("id", "version", "kind", "hook point", "aggregation", "threshold", "calibrated on", "on by default")
     for p in packs:
         m = p.manifest
         cal = f"{m.calibration.target_fpr:.1%} FPR, {m.calibration.benign_set}" if m.calibration else "-"
-        table.add_row(m.id, m.version, m.kind, m.hook_point, m.aggregation.kind, f"{m.threshold:.4f}", cal)
+        table.add_row(m.id, m.version, m.kind, m.hook_point, m.aggregation.kind, f"{m.threshold:.4f}", cal,
+                      "yes" if m.enabled_by_default else "no (load by id)")
     out.print(table)
 
 

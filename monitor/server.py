@@ -39,7 +39,7 @@ from monitor.runner import Encoded, InputError, InputTooLong, ModelRunner
 from monitor.scheduler import GenJob, Reaction, Scheduler
 from monitor.steering import Steering
 from monitor.storage import AlertRecord, DetectorRecord, InterventionRecord, RequestRecord, StorageWriter, get_alerts
-from probes.pack import load_packs, shipped_packs_dir
+from probes.pack import default_pack_dirs, load_packs
 
 log = logging.getLogger(__name__)
 SERVICE = pb.DESCRIPTOR.services_by_name["Monitor"].full_name
@@ -52,11 +52,6 @@ POSITIONS = {0: "generated", pb.STEERING_POSITIONS_PROMPT: "prompt", pb.STEERING
 OUTCOME = {"stop": "ok", "length": "ok", "blocked": "blocked", "cancelled": "cancelled",
            "deadline_exceeded": "deadline_exceeded", "error": "internal"}
 DEFAULT_PAGE_SIZE = 100
-
-
-def default_pack_dirs() -> list[Path]:
-    root = shipped_packs_dir()
-    return sorted(p for p in root.iterdir() if (p / "manifest.json").is_file()) if root.is_dir() else []
 
 
 def _now_ts() -> Timestamp:
@@ -305,7 +300,9 @@ class Service:
 
     # detectors -------------------------------------------------------------------
     def pack_dirs(self) -> list[Path]:
-        return list(self.settings.packs) if self.settings.packs is not None else default_pack_dirs()
+        if self.settings.packs is not None:
+            return list(self.settings.packs)
+        return default_pack_dirs(also=self.settings.detectors)
 
     def _load_detectors(self) -> tuple[DetectorBank | None, Policy]:
         packs = load_packs(self.pack_dirs(), expect=self.runner.fingerprint)
@@ -726,4 +723,4 @@ async def serve(settings: Settings, *, on_ready: Callable[[Server], None] | None
     await server.stop(drain=min(1.0, settings.grace_period_s))
 
 
-__all__ = ["HookPoint", "Server", "Service", "serve", "bad_utf8_field", "default_pack_dirs"]
+__all__ = ["HookPoint", "Server", "Service", "serve", "bad_utf8_field"]

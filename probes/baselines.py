@@ -62,6 +62,7 @@ class TfidfBaseline(Baseline):
     description = "TF-IDF word 1-2 + char 2-5 grams, balanced logistic regression, final message only"
 
     def __init__(self, *, c: float = 4.0, seed: int = 0):
+        self.c, self.seed = c, seed
         features = FeatureUnion([
             ("word", TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True, min_df=2)),
             ("char", TfidfVectorizer(analyzer="char_wb", ngram_range=(2, 5), sublinear_tf=True, min_df=2)),
@@ -80,6 +81,23 @@ class TfidfBaseline(Baseline):
         if not examples:
             return np.zeros(0)
         return self.pipeline.predict_proba([e.final_content for e in examples])[:, 1]
+
+    def calibrate_out_of_fold(self, train: Sequence[Example], folds, benign: Sequence[Example],
+                              target_fpr: float = 0.01) -> float:
+        """`calibrate`, with benign rows that are also training rows scored by the fold model that
+        held them out: the probe's own calibration rule (`probes.train.out_of_fold_scores`)."""
+        fold_of = {}
+        for k, (_, held) in enumerate(folds):
+            for i in held:
+                fold_of.setdefault(train[i].scoring_key, k)
+        scores = self.scores(benign)
+        for k, (fit_idx, _) in enumerate(folds):
+            rows = [j for j, e in enumerate(benign) if fold_of.get(e.scoring_key) == k]
+            if rows:
+                model = TfidfBaseline(c=self.c, seed=self.seed).fit([train[i] for i in fit_idx])
+                scores[rows] = model.scores([benign[j] for j in rows])
+        self.threshold, self.achieved_fpr = threshold_at_fpr(scores, target_fpr)
+        return self.threshold
 
 
 def _first_token_ids(tokenizer, words: Sequence[str]) -> set[int]:

@@ -77,6 +77,11 @@ class Example:
         assert self.messages is not None
         return "\n".join(f"{m.role}: {m.content}" for m in self.messages)
 
+    @property
+    def scoring_key(self) -> tuple:
+        """What the model sees and scores: examples with equal keys get equal scores."""
+        return (self.text, self.messages, self.score_suffix)
+
     def to_dict(self) -> dict[str, Any]:
         """The JSONL form (inverse of what `read_jsonl` accepts); empty optional keys dropped."""
         d: dict[str, Any] = {}

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -59,11 +60,15 @@ class Aggregation(BaseModel):
 
 
 class Calibration(BaseModel):
-    """How the threshold was chosen: a target false-positive rate on a named benign set."""
+    """How the threshold was chosen: a target false-positive rate on a named benign set.
+
+    `target_fpr_out_of_fold`: the benign rows were also training rows, each scored by the
+    cross-validation model that held it out.
+    """
 
     model_config = ConfigDict(extra="forbid")
 
-    method: Literal["target_fpr"]
+    method: Literal["target_fpr", "target_fpr_out_of_fold"]
     target_fpr: float = Field(gt=0, lt=1)
     benign_set: str
     n_benign: int = Field(ge=1)
@@ -91,6 +96,8 @@ class Manifest(BaseModel):
     provenance: dict[str, Any]
     weights_sha256: str = Field(default="", pattern=r"^([0-9a-f]{64})?$")
     description: str = ""
+    # Shipped packs below their quality target stay off unless asked for by id or path.
+    enabled_by_default: bool = True
 
     @property
     def layer(self) -> int:
@@ -205,6 +212,24 @@ def load_packs(paths: list[Path], expect: ModelFingerprint | None = None) -> lis
 def shipped_packs_dir() -> Path:
     """The default packs installed with latentwatch, one subfolder per pack id."""
     return Path(__file__).parent / "packs"
+
+
+def shipped_packs() -> dict[str, tuple[Path, bool]]:
+    """Shipped pack id -> (folder, enabled_by_default)."""
+    root = shipped_packs_dir()
+    found = {}
+    for folder in sorted(root.iterdir()) if root.is_dir() else []:
+        if (folder / MANIFEST).is_file():
+            m = _read_manifest(folder)
+            found[m.id] = (folder, m.enabled_by_default)
+    return found
+
+
+def default_pack_dirs(also: Iterable[str] = ()) -> list[Path]:
+    """The shipped packs a server loads unless told otherwise: those enabled by default, plus the
+    shipped ones named in `also` (detector ids with a configured policy)."""
+    wanted = set(also)
+    return [folder for pid, (folder, on) in shipped_packs().items() if on or pid in wanted]
 
 
 def _read_manifest(folder: Path) -> Manifest:

@@ -441,9 +441,9 @@ def harmful_intent_splits(
         "xstest_safe": [],
         "xstest_unsafe": [],
     }
-    # val_benign (every benign val row: Alpaca, JBB benign, XSTest safe) is what shipped packs use,
-    # so the threshold also answers for scary-looking safe prompts, not only for Alpaca.
-    calibration: dict[str, list[Example]] = {"alpaca_val": [], "xstest_safe_val": [], "val_benign": []}
+    # dev_benign (every benign train/val row: Alpaca, JBB benign, XSTest safe) calibrates the shipped
+    # pack, scored out of fold, so the threshold also answers for scary-looking safe prompts.
+    calibration: dict[str, list[Example]] = {"dev_benign": []}
     for i in kept:
         r, s = rows[i], side[gid[i]]
         e = ex(i)
@@ -459,12 +459,8 @@ def harmful_intent_splits(
                 "xstest_safe": "xstest_safe",
             }[r.kind]
             eval_sets[name].append(e)
-        elif s == "val" and r.kind == "alpaca":
-            calibration["alpaca_val"].append(e)
-        elif s == "val" and r.kind == "xstest_safe":
-            calibration["xstest_safe_val"].append(e)
-        if s == "val" and e.label == 0:
-            calibration["val_benign"].append(e)
+        elif e.label == 0:
+            calibration["dev_benign"].append(e)
 
     # 5. jailbreak / generalisation sets, from test-side JBB behaviours only
     jbb_harm = [i for i, r in enumerate(rows) if r.kind == "harm" and r.source == "jbb_behaviors"]
@@ -619,6 +615,9 @@ def deception_splits(
 ) -> Splits:
     """Apollo-style instructed pairs on RepE true facts (train/val), LieDetector Q/A as test.
 
+    Training pools train and val for cross-validation; `dev_honest` (their honest rows) is the
+    calibration set.
+
     Each true fact gives two examples with the same assistant statement: under the honest
     instruction (label 0) and the dishonest one (label 1). The assistant turn holds only the
     statement's start (all but its last 5 words) and `score_suffix` is that start: in a causal
@@ -723,7 +722,7 @@ def deception_splits(
         train=train,
         val=val,
         test=list(qa),
-        calibration={"repe_honest_val": [e for e in val if e.label == 0]},
+        calibration={"dev_honest": [e for e in train + val if e.label == 0]},
         eval_sets={"liedetector_qa": qa},
         info=info,
     )

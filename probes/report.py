@@ -78,8 +78,8 @@ class ReportData:
     methods: dict[str, MethodScores]
     primary: str = "probe"
     roc_set: str | None = None  # the combined harmful-vs-benign set; None pools every set
-    sweep: list[dict[str, Any]] = field(default_factory=list)  # hook_point, kind, pool, val_auroc
-    chosen: dict[str, Any] | None = None  # the sweep row the pack ships (default: best val AUROC)
+    sweep: list[dict[str, Any]] = field(default_factory=list)  # hook_point, kind, pool, cv_auroc
+    chosen: dict[str, Any] | None = None  # the sweep row the pack ships (default: best cross-validated AUROC)
     heatmaps: list[Heatmap] = field(default_factory=list)
     manifest: dict[str, Any] = field(default_factory=dict)  # pack summary shown as a table
     notes: list[str] = field(default_factory=list)
@@ -231,27 +231,27 @@ def _layer(hook_point: str) -> int:
 
 
 def sweep_plot(report: ReportData) -> str | None:
-    """Validation AUROC against layer, one line per (kind, pool), the chosen configuration starred."""
+    """Cross-validated AUROC against layer, one line per (kind, pool), the chosen configuration starred."""
     if not report.sweep:
         return None
     sites = {r["hook_point"].split(".", 2)[2] for r in report.sweep}
     lines: dict[str, list[tuple[int, float]]] = {}
     for r in report.sweep:
         key = f"{r['kind']} / {r['pool']}" + (f" / {r['hook_point'].split('.', 2)[2]}" if len(sites) > 1 else "")
-        lines.setdefault(key, []).append((_layer(r["hook_point"]), r["val_auroc"]))
+        lines.setdefault(key, []).append((_layer(r["hook_point"]), r["cv_auroc"]))
     fig = Figure(figsize=(8, 4.2), layout="constrained")
     ax = fig.subplots()
     for colour, (key, pts) in zip(PALETTE * 4, sorted(lines.items())):
         xs, ys = zip(*sorted(pts))
         ax.plot(xs, ys, marker="o", ms=4, color=colour, label=key)
-    chosen = report.chosen or max(report.sweep, key=lambda r: r["val_auroc"])
-    ax.plot([_layer(chosen["hook_point"])], [chosen["val_auroc"]], marker="*", ms=16, color="gold", mec="black",
+    chosen = report.chosen or max(report.sweep, key=lambda r: r["cv_auroc"])
+    ax.plot([_layer(chosen["hook_point"])], [chosen["cv_auroc"]], marker="*", ms=16, color="gold", mec="black",
             ls="none", label=f"chosen: {chosen['hook_point']} {chosen['kind']}/{chosen['pool']}")
-    ax.set(xlabel="layer", ylabel="validation AUROC", title="Layer sweep (validation split only)")
+    ax.set(xlabel="layer", ylabel="out-of-fold AUROC", title="Layer sweep (cross-validation on training rows only)")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    return _img(fig, "validation AUROC against layer")
+    return _img(fig, "cross-validated AUROC against layer")
 
 
 # --------------------------------------------------------------------------------- heatmaps
@@ -481,7 +481,8 @@ def _manifest_summary(pack) -> dict[str, Any]:
                         f"achieved {cal.achieved_fpr:.2%})") if cal else "none",
         "model": f"{prov.get('model_id', '?')} ({m.model.architecture}, {m.model.num_layers} layers)",
         "recipe": prov.get("recipe") or "custom data",
-        "trained on": f"{prov.get('n_train', '?')} train / {prov.get('n_val', '?')} val examples",
+        "trained on": f"{prov.get('n_train', '?')} examples, {prov.get('params', {}).get('folds', '?')}-fold "
+                      f"cross-validated selection",
     }
     if "selection" in prov:
         out["selection"] = prov["selection"].get("rule", "")
@@ -499,7 +500,7 @@ def build_report_data(runner, pack, splits, *, baselines: bool = True, n_heatmap
     from monitor.bank import Detector, DetectorBank
     from monitor.runner import encode_all
     from probes.baselines import PromptedJudge, TfidfBaseline
-    from probes.train import score_sets
+    from probes.train import dev_folds, score_sets
 
     m = pack.manifest
     sets = {k: v for k, v in {"test": splits.test, **splits.eval_sets}.items() if v}
@@ -517,14 +518,18 @@ def build_report_data(runner, pack, splits, *, baselines: bool = True, n_heatmap
             notes.append(f"Baselines uncalibrated: the benign set {cal_name!r} is not part of these splits.")
         recipe = splits.info.get("recipe") or m.provenance.get("recipe")
         candidates = [PromptedJudge.for_recipe(runner, recipe, batch_size=batch_size, progress=progress)]
-        if splits.train:
-            candidates.insert(0, TfidfBaseline(seed=seed).fit(splits.train))
+        dev = splits.train + splits.val  # what the probe was trained on (see probes.train)
+        if dev:
+            candidates.insert(0, TfidfBaseline(seed=seed).fit(dev))
         else:
             notes.append("TF-IDF baseline skipped: no training split.")
         unique = list(dict.fromkeys(e for v in sets.values() for e in v))  # "test" repeats other sets
         for b in candidates:
             by_example = dict(zip(unique, b.scores(unique)))
-            if benign:
+            if benign and isinstance(b, TfidfBaseline):
+                folds = dev_folds(dev, m.provenance.get("params", {}).get("folds", 5), seed)
+                b.calibrate_out_of_fold(dev, folds, benign, target)
+            elif benign:
                 b.calibrate(benign, target)
             methods[b.name] = MethodScores({k: np.array([by_example[e] for e in v]) for k, v in sets.items()},
                                            b.threshold, b.description)

@@ -3,17 +3,26 @@
 Activations are collected with the same `ModelRunner`, chat formatting and hook points the server
 uses, so there is no train/serve skew. Thresholds and metrics are computed from scores produced
 by the detector bank itself (`runner.score`), i.e. exactly the numbers a deployment will see.
+
+Selection and calibration use K-fold cross-validation over the development data (grouped, so a
+behaviour never sits on both sides of a fold): every candidate is ranked by its out-of-fold AUROC,
+the winner is refitted on all of the data, and benign calibration rows that were trained on are
+scored by the fold model that did not see them. All labelled data trains the shipped probe, and
+the threshold still comes from scores on unseen rows.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import itertools
 import subprocess
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 from sklearn.metrics import roc_auc_score
+from sklearn.model_selection import StratifiedGroupKFold
+from tqdm.auto import tqdm
 
 from monitor.bank import Detector, DetectorBank
 from monitor.hooks import HookPoint
@@ -38,13 +47,16 @@ class TrainSpec:
     version: str = "1"
     seed: int = 0
     batch_size: int = 16
+    folds: int = 5
     description: str = ""
+    enabled_by_default: bool = True
 
 
 @dataclass
 class TrainData:
-    train: list[Example]
-    val: list[Example]
+    """`dev` is every labelled row for fitting and selection; `calibration` may overlap it."""
+
+    dev: list[Example]
     calibration_name: str
     calibration: list[Example]
     eval_sets: dict[str, list[Example]] = field(default_factory=dict)
@@ -59,38 +71,79 @@ def _labels(examples: list[Example]) -> np.ndarray:
 
 
 def _git_commit() -> str:
+    """HEAD of the checkout this code runs from, `+dirty` when tracked files differ from it."""
+    here = Path(__file__).parent
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], capture_output=True, text=True, timeout=5, cwd=here).stdout.strip()
+
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                             cwd=Path(__file__).parent)
-        return out.stdout.strip() or "unknown"
+        head = git("rev-parse", "HEAD")
+        return f"{head}+dirty" if head and git("status", "--porcelain", "--untracked-files=no") else head or "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
 
 
+def dev_folds(examples: list[Example], folds: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Stratified K folds that keep each `group` on one side (ungrouped rows are their own group)."""
+    y = _labels(examples)
+    groups = [e.group or f"row:{i}" for i, e in enumerate(examples)]
+    if folds < 2:
+        raise ValueError(f"cross-validation needs at least 2 folds, got {folds}")
+    for label in (0, 1):
+        n = len({g for g, lab in zip(groups, y) if lab == label})
+        if n < folds:
+            raise ValueError(f"{folds}-fold cross-validation needs >= {folds} groups with label {label}, "
+                             f"the data has {n}: add examples or lower --folds")
+    split = StratifiedGroupKFold(folds, shuffle=True, random_state=seed)
+    return list(split.split(np.zeros(len(y)), y, groups))
+
+
+def _fit(kind: str, config: dict, seed: int, x: np.ndarray, y: np.ndarray):
+    cls = probe_kind(kind)
+    probe = cls(cls.config_cls(**{"seed": seed, **config}))
+    probe.fit(x, y)
+    return probe
+
+
 def sweep(runner: ModelRunner, data: TrainData, spec: TrainSpec, *, progress: bool = True):
-    """Fit every (hook point, kind, pool) on train, rank by validation AUROC; return best + table."""
+    """Rank every (hook point, kind, pool) by out-of-fold AUROC; refit the best on all of `dev`.
+
+    Returns (best row with the refitted `probe` and its per-fold `fold_probes`, `folds`; table).
+    """
     points = [runner.hooks.resolve(p) for p in spec.hook_points]
-    y_train, y_val = _labels(data.train), _labels(data.val)
-    if len(set(y_train)) < 2 or len(set(y_val)) < 2:
-        raise ValueError("train and validation data must each contain both labels (0 and 1)")
-    chat = spec.input_format == "chat"
-    items = encode_all(runner, data.train + data.val, chat=chat)
+    y = _labels(data.dev)
+    if len(set(y)) < 2:
+        raise ValueError("the training data must contain both labels (0 and 1)")
+    folds = dev_folds(data.dev, spec.folds, spec.seed)
+    items = encode_all(runner, data.dev, chat=spec.input_format == "chat")
     acts = runner.capture(items, points, batch_size=spec.batch_size, progress=progress)
-    n = len(data.train)
     table = []
-    for point in points:
-        for kind, config in spec.probes:
-            cls = probe_kind(kind)
-            for pool in spec.pools:
-                x = acts[(point, pool)]
-                probe = cls(cls.config_cls(**{"seed": spec.seed, **config}))
-                probe.fit(x[:n], y_train)
-                auroc = float(roc_auc_score(y_val, probe.decision_function(x[n:])))
-                table.append({"hook_point": str(point), "kind": kind, "config": config, "pool": pool,
-                              "val_auroc": auroc, "probe": probe})
-    # Highest validation AUROC; ties go to the shallower hook point (cheaper early stop).
-    best = max(table, key=lambda r: (round(r["val_auroc"], 4), -HookPoint.parse(r["hook_point"]).layer))
-    return best, [{k: v for k, v in r.items() if k != "probe"} for r in table]
+    candidates = list(itertools.product(points, spec.probes, spec.pools))
+    for point, (kind, config), pool in tqdm(candidates, desc=f"{spec.folds}-fold cross-validation", unit="candidate",
+                                            disable=not progress):
+        x = acts[(point, pool)]
+        oof = np.zeros(len(y))
+        for train, held in folds:
+            oof[held] = _fit(kind, config, spec.seed, x[train], y[train]).decision_function(x[held])
+        table.append({"hook_point": str(point), "kind": kind, "config": config, "pool": pool,
+                      "cv_auroc": float(roc_auc_score(y, oof))})
+    # Highest out-of-fold AUROC; ties go to the shallower hook point (cheaper early stop).
+    best = dict(max(table, key=lambda r: (round(r["cv_auroc"], 4), -HookPoint.parse(r["hook_point"]).layer)))
+    x = acts[(runner.hooks.resolve(best["hook_point"]), best["pool"])]
+    fit = lambda idx: _fit(best["kind"], best["config"], spec.seed, x[idx], y[idx])  # noqa: E731
+    best |= {"probe": fit(np.arange(len(y))), "fold_probes": [fit(train) for train, _ in folds], "folds": folds}
+    return best, table
+
+
+def bank_scores(runner: ModelRunner, packs: list[ProbePack], examples: list[Example], *, batch_size: int = 16,
+                progress: bool = False) -> np.ndarray:
+    """Aggregate probabilities [examples, packs] from one detector bank holding every pack."""
+    if not examples:
+        return np.zeros((0, len(packs)))
+    bank = DetectorBank([Detector.from_pack(p) for p in packs], device=runner.device)
+    items = encode_all(runner, examples, chat=packs[0].manifest.input_format == "chat")
+    return np.array([r.probs for r in runner.score(items, bank, batch_size=batch_size, progress=progress)])
 
 
 def score_sets(runner: ModelRunner, pack: ProbePack, sets: dict[str, list[Example]], *, batch_size: int = 16,
@@ -99,16 +152,27 @@ def score_sets(runner: ModelRunner, pack: ProbePack, sets: dict[str, list[Exampl
 
     Sets overlap (a combined test set and its parts), so each distinct input is scored once.
     """
-    bank = DetectorBank([Detector.from_pack(pack)], device=runner.device)
     index: dict[tuple, int] = {}
     for examples in sets.values():
         for e in examples:
-            index.setdefault((e.text, e.messages, e.score_suffix), len(index))
+            index.setdefault(e.scoring_key, len(index))
     unique = [Example(text=t, messages=m, score_suffix=sfx) for t, m, sfx in index]
-    items = encode_all(runner, unique, chat=pack.manifest.input_format == "chat")
-    scores = np.array([r.probs[0] for r in runner.score(items, bank, batch_size=batch_size, progress=progress)])
-    return {name: scores[[index[(e.text, e.messages, e.score_suffix)] for e in examples]].reshape(-1)
-            for name, examples in sets.items()}
+    scores = bank_scores(runner, [pack], unique, batch_size=batch_size, progress=progress)[:, 0]
+    return {name: scores[[index[e.scoring_key] for e in examples]].reshape(-1) for name, examples in sets.items()}
+
+
+def out_of_fold_scores(runner: ModelRunner, pack: ProbePack, fold_probes: list, folds, dev: list[Example],
+                       examples: list[Example], *, batch_size: int = 16) -> np.ndarray:
+    """Scores for `examples`: rows of `dev` by the fold model that held them out, others by `pack`."""
+    fold_of = {}
+    for k, (_, held) in enumerate(folds):
+        for i in held:
+            fold_of.setdefault(dev[i].scoring_key, k)
+    m = pack.manifest
+    packs = [pack] + [ProbePack(m.model_copy(update={"id": f"{m.id}-fold{k}"}), p) for k, p in enumerate(fold_probes)]
+    scores = bank_scores(runner, packs, examples, batch_size=batch_size)
+    column = [1 + fold_of[e.scoring_key] if e.scoring_key in fold_of else 0 for e in examples]
+    return scores[np.arange(len(examples)), column]
 
 
 def evaluate_sets(runner: ModelRunner, pack: ProbePack, sets: dict[str, list[Example]], *, batch_size: int = 16,
@@ -119,7 +183,11 @@ def evaluate_sets(runner: ModelRunner, pack: ProbePack, sets: dict[str, list[Exa
 
 
 def train_pack(runner: ModelRunner, data: TrainData, spec: TrainSpec, *, progress: bool = True):
-    """Sweep, fit, calibrate on the named benign set, evaluate held-out sets; returns (pack, sweep table)."""
+    """Sweep, fit, calibrate on the named benign set, evaluate held-out sets; returns (pack, sweep table).
+
+    Calibration rows that are part of `dev` are scored out of fold, so the threshold never rests on
+    scores of examples the shipped probe was fitted on.
+    """
     best, table = sweep(runner, data, spec, progress=progress)
     probe = best["probe"]
     manifest = Manifest(
@@ -137,30 +205,35 @@ def train_pack(runner: ModelRunner, data: TrainData, spec: TrainSpec, *, progres
         model=runner.fingerprint,
         provenance={},
         description=spec.description,
+        enabled_by_default=spec.enabled_by_default,
     )
     pack = ProbePack(manifest, probe)
-    cal = score_sets(runner, pack, {data.calibration_name: data.calibration}, batch_size=spec.batch_size)
-    threshold, achieved = threshold_at_fpr(cal[data.calibration_name], spec.target_fpr)
+    cal = out_of_fold_scores(runner, pack, best["fold_probes"], best["folds"], data.dev, data.calibration,
+                             batch_size=spec.batch_size)
+    threshold, achieved = threshold_at_fpr(cal, spec.target_fpr)
     manifest.threshold = threshold
-    manifest.calibration = Calibration(method="target_fpr", target_fpr=spec.target_fpr,
-                                       benign_set=data.calibration_name, n_benign=len(data.calibration),
-                                       achieved_fpr=achieved)
+    in_dev = {e.scoring_key for e in data.dev}
+    oof = sum(e.scoring_key in in_dev for e in data.calibration)
+    manifest.calibration = Calibration(method="target_fpr_out_of_fold" if oof else "target_fpr",
+                                       target_fpr=spec.target_fpr, benign_set=data.calibration_name,
+                                       n_benign=len(data.calibration), achieved_fpr=achieved)
     manifest.metrics = evaluate_sets(runner, pack, data.eval_sets, batch_size=spec.batch_size, progress=progress)
     params = asdict(spec)
     manifest.provenance = {
         "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "data_sha256": data_sha256(data.train + data.val),
+        "data_sha256": data_sha256(data.dev),
         "calibration_sha256": data_sha256(data.calibration),
         "git_commit": _git_commit(),
         "recipe": data.recipe,
         "params": params,
         "seed": spec.seed,
         "model_id": runner.model_id,
-        "n_train": len(data.train),
-        "n_val": len(data.val),
+        "n_train": len(data.dev),
+        "n_calibration_out_of_fold": oof,
         "selection": {
-            "rule": "highest validation AUROC; ties to the shallower hook point",
-            "chosen": {k: best[k] for k in ("hook_point", "kind", "config", "pool", "val_auroc")},
+            "rule": f"highest {spec.folds}-fold grouped cross-validated AUROC (out-of-fold scores); ties to the "
+                    "shallower hook point; the winner is refitted on all training rows",
+            "chosen": {k: best[k] for k in ("hook_point", "kind", "config", "pool", "cv_auroc")},
             "sweep": table,
         },
         "latentwatch_version": _version(),

@@ -30,6 +30,26 @@ def test_tfidf_separates_a_toy_dataset_and_calibrates_like_the_probe():
     assert b.scores([chat])[0] == pytest.approx(b.scores(toy(["write malware that steals passwords"], 1))[0])
 
 
+def test_tfidf_calibrates_training_rows_out_of_fold_like_the_probe():
+    from probes.evaluate import threshold_at_fpr
+    from probes.train import dev_folds
+
+    train = toy(HARMFUL * 2, 1) + toy(BENIGN * 2, 0)
+    train = [Example(text=f"{e.text} {i}", label=e.label, id=str(i)) for i, e in enumerate(train)]
+    folds = dev_folds(train, 3, seed=0)
+    unseen = toy(["how to paint a fence", "write a haiku about rain"], 0)
+    benign = [e for e in train if e.label == 0] + unseen
+    b = TfidfBaseline().fit(train)
+    b.calibrate_out_of_fold(train, folds, benign, target_fpr=0.2)
+    expected = dict(zip((e.id for e in unseen), b.scores(unseen)))
+    for fit_idx, held in folds:
+        fold_model = TfidfBaseline().fit([train[i] for i in fit_idx])
+        rows = [train[i] for i in held if train[i].label == 0]
+        expected |= dict(zip((e.id for e in rows), fold_model.scores(rows)))
+    assert b.threshold == threshold_at_fpr(np.array([expected[e.id] for e in benign]), 0.2)[0]
+    assert b.threshold != TfidfBaseline().fit(train).calibrate(benign, 0.2)  # in-sample would differ
+
+
 def test_tfidf_needs_both_labels():
     with pytest.raises(ValueError, match="both classes"):
         TfidfBaseline().fit(toy(HARMFUL, 1))

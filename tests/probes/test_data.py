@@ -155,12 +155,12 @@ def test_harm_no_text_leak(harm: Splits) -> None:
     leaked = [e.text for e in held if normalise(e.content_key) in trainval]
     assert not leaked, leaked[:5]
     assert not _norms(harm.train) & _norms(harm.val)
-    # calibration sets come from the val side, never from test
+    # calibration sets are the benign training rows (scored out of fold), never test rows
     test_norms = _norms(held)
     for name, rows in harm.calibration.items():
-        assert rows, name
+        assert rows and all(e.label == 0 for e in rows), name
         assert not _norms(rows) & test_norms, name
-        assert _norms(rows) <= _norms(harm.val), name
+        assert _norms(rows) <= trainval, name
 
 
 def test_harm_groups_never_straddle(harm: Splits) -> None:
@@ -272,6 +272,7 @@ def test_deception_pairs_and_leaks(decep: Splits) -> None:
     assert not {e.group for e in decep.train} & {e.group for e in decep.val}
     for e in decep.train + decep.val:
         assert e.score_suffix and e.final_content.endswith(e.score_suffix)
+    assert decep.calibration == {"dev_honest": [e for e in decep.train + decep.val if e.label == 0]}
     qa = decep.eval_sets["liedetector_qa"]
     assert 0 < len(qa) <= 1000 and decep.info["caps"]["max_eval"] == 1000
     assert {e.label for e in qa} == {0, 1}

@@ -19,7 +19,9 @@ from probes.pack import (
     Manifest,
     PackError,
     ProbePack,
+    default_pack_dirs,
     load_packs,
+    shipped_packs,
     shipped_packs_dir,
 )
 
@@ -282,6 +284,23 @@ def test_calibration_bounds():
 
 def test_shipped_packs_dir():
     assert shipped_packs_dir() == Path(__file__).parents[2] / "probes" / "packs"
+
+
+def test_packs_off_by_default_load_only_when_named(tmp_path, probe, monkeypatch):
+    """A shipped pack below its quality target must not alert on every request of a plain `serve`."""
+    monkeypatch.setattr("probes.pack.shipped_packs_dir", lambda: tmp_path)
+    ProbePack(Manifest.model_validate(manifest_dict(id="on")), probe).save(tmp_path / "on")
+    ProbePack(Manifest.model_validate(manifest_dict(id="off", enabled_by_default=False)), probe).save(tmp_path / "off")
+    (tmp_path / "not_a_pack").mkdir()
+    assert shipped_packs() == {"off": (tmp_path / "off", False), "on": (tmp_path / "on", True)}
+    assert default_pack_dirs() == [tmp_path / "on"]
+    assert default_pack_dirs(also={"off": None, "user_pack": None}) == [tmp_path / "off", tmp_path / "on"]
+
+
+def test_manifests_without_the_flag_stay_enabled(pack_dir):
+    manifest = json.loads((pack_dir / "manifest.json").read_text())
+    del manifest["enabled_by_default"]
+    assert Manifest.model_validate(manifest).enabled_by_default
 
 
 def test_fingerprint_mismatch_tolerates_bf16_rounding():
