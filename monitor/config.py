@@ -57,7 +57,9 @@ class Settings(BaseSettings):
         None, description="Weights dtype; unset = bfloat16 on GPU, float32 on CPU."
     )
     packs: list[Path] | None = Field(
-        None, description="Probe pack folders; unset = every pack shipped in probes/packs. [] = no detectors."
+        None,
+        description="Probe pack folders; unset = the shipped packs that are on by default, plus shipped packs "
+        "named under `detectors`. [] = no detectors.",
     )
     detectors: dict[str, DetectorPolicyConfig] = Field(
         default_factory=dict, description="Per-detector policy by detector id; detectors not listed only alert."

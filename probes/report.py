@@ -297,7 +297,7 @@ main{max-width:1180px;margin:0 auto;padding:28px 24px 60px}
 header{border-bottom:3px solid var(--accent);margin-bottom:20px}
 h1{font-size:24px;margin:0 0 4px}h2{font-size:18px;margin:34px 0 10px;color:var(--accent)}
 .muted{color:var(--muted)}
-section{background:#fff;border:1px solid var(--line);border-radius:8px;padding:14px 18px;margin:14px 0}
+section{background:#fff;border:1px solid var(--line);border-radius:8px;padding:14px 18px;margin:14px 0;overflow-x:auto}
 table{border-collapse:collapse;width:100%;font-variant-numeric:tabular-nums}
 th,td{padding:5px 9px;border-bottom:1px solid var(--line);text-align:right;white-space:nowrap}
 th{background:#eef2f8;position:sticky;top:0;font-weight:600}
