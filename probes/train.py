@@ -162,7 +162,7 @@ def score_sets(runner: ModelRunner, pack: ProbePack, sets: dict[str, list[Exampl
 
 
 def out_of_fold_scores(runner: ModelRunner, pack: ProbePack, fold_probes: list, folds, dev: list[Example],
-                       examples: list[Example], *, batch_size: int = 16) -> np.ndarray:
+                       examples: list[Example], *, batch_size: int = 16, progress: bool = False) -> np.ndarray:
     """Scores for `examples`: rows of `dev` by the fold model that held them out, others by `pack`."""
     fold_of = {}
     for k, (_, held) in enumerate(folds):
@@ -170,7 +170,7 @@ def out_of_fold_scores(runner: ModelRunner, pack: ProbePack, fold_probes: list, 
             fold_of.setdefault(dev[i].scoring_key, k)
     m = pack.manifest
     packs = [pack] + [ProbePack(m.model_copy(update={"id": f"{m.id}-fold{k}"}), p) for k, p in enumerate(fold_probes)]
-    scores = bank_scores(runner, packs, examples, batch_size=batch_size)
+    scores = bank_scores(runner, packs, examples, batch_size=batch_size, progress=progress)
     column = [1 + fold_of[e.scoring_key] if e.scoring_key in fold_of else 0 for e in examples]
     return scores[np.arange(len(examples)), column]
 
@@ -209,7 +209,7 @@ def train_pack(runner: ModelRunner, data: TrainData, spec: TrainSpec, *, progres
     )
     pack = ProbePack(manifest, probe)
     cal = out_of_fold_scores(runner, pack, best["fold_probes"], best["folds"], data.dev, data.calibration,
-                             batch_size=spec.batch_size)
+                             batch_size=spec.batch_size, progress=progress)
     threshold, achieved = threshold_at_fpr(cal, spec.target_fpr)
     manifest.threshold = threshold
     in_dev = {e.scoring_key for e in data.dev}

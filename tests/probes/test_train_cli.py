@@ -76,6 +76,14 @@ def test_score_writes_one_line_per_input_with_probabilities_and_flags(files, inv
     assert lines[0]["flagged"]["harmful_intent"] and not lines[1]["flagged"]["harmful_intent"]
 
 
+def test_packs_off_by_default_are_listed_and_load_by_id(files, invoke, tmp_path):
+    listing = invoke("detectors")
+    assert "harmful_intent" in listing and "deception" in listing and "no (load by id)" in listing
+    out = tmp_path / "scores.jsonl"
+    invoke("score", "--input", files / "unlabelled.jsonl", "--output", out, "--detector", "deception")
+    assert all(set(json.loads(x)["scores"]) == {"deception"} for x in out.read_text().splitlines())
+
+
 def test_cli_errors_say_what_to_fix(files, tmp_path):
     runner = CliRunner()
     bad = tmp_path / "bad.jsonl"
