@@ -107,24 +107,30 @@ def results_table(report: ReportData) -> list[dict[str, Any]]:
     return rows
 
 
-def _operating_point(row: dict[str, Any]) -> tuple[str, float] | None:
+def _operating_point(row: dict[str, Any], positives_recall: float | None) -> tuple[str, float] | None:
     """What "better at the shipped threshold" means on a set: higher recall on harmful-only sets,
-    lower FPR on benign-only sets, higher balanced accuracy on mixed ones (sign-flipped FPR so
-    that higher is always better)."""
+    higher balanced accuracy on mixed ones. On benign-only sets a method that flags nothing has a
+    perfect FPR, so FPR there is weighed against the method's recall on the held-out positives of
+    the ROC set when there is one (balanced accuracy again); without one, lower FPR wins
+    (sign-flipped, so that higher is always better)."""
     if row["recall_at_threshold"] is None and row["fpr_at_threshold"] is None:
         return None
     if not row["n_neg"]:
         return "recall at threshold", row["recall_at_threshold"]
     if not row["n_pos"]:
-        return "FPR at threshold (lower is better)", -row["fpr_at_threshold"]
+        if positives_recall is None:
+            return "FPR at threshold (lower is better)", -row["fpr_at_threshold"]
+        return "balanced accuracy: held-out recall, FPR here", (positives_recall + 1 - row["fpr_at_threshold"]) / 2
     return "balanced accuracy at threshold", (row["recall_at_threshold"] + 1 - row["fpr_at_threshold"]) / 2
 
 
 def verdicts(report: ReportData, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Per eval set: which method is best at its shipped operating point, and whether the probe wins."""
     out = []
+    held_out = {r["method"]: r["recall_at_threshold"] for r in rows if r["eval_set"] == report.roc_set}
     for s in report.labels:
-        points = {r["method"]: p for r in rows if r["eval_set"] == s and (p := _operating_point(r))}
+        points = {r["method"]: p for r in rows
+                  if r["eval_set"] == s and (p := _operating_point(r, held_out.get(r["method"])))}
         if report.primary not in points or len(points) < 2:
             continue
         criterion, probe = points[report.primary]

@@ -10,7 +10,15 @@ import numpy as np
 import pytest
 
 from probes.evaluate import binary_metrics
-from probes.report import Heatmap, MethodScores, ReportData, score_colour, write_report
+from probes.report import (
+    Heatmap,
+    MethodScores,
+    ReportData,
+    results_table,
+    score_colour,
+    verdicts,
+    write_report,
+)
 
 CHROMIUM_FLAGS = [
     "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -87,8 +95,21 @@ def test_results_csv_and_json_match_binary_metrics(written):
     assert set(verdicts) == set(report.labels)  # the judge has no threshold; tfidf is the rival everywhere
     assert verdicts["test"]["outcome"] == "win" and verdicts["test"]["best"] == "probe"
     assert verdicts["test"]["criterion"].startswith("balanced accuracy")
-    assert verdicts["alpaca"]["criterion"].startswith("FPR")
+    assert verdicts["alpaca"]["criterion"] == "balanced accuracy: held-out recall, FPR here"
     assert verdicts["dan_wrapped"]["criterion"] == "recall at threshold"
+
+
+def test_a_method_that_flags_nothing_does_not_win_benign_only_sets():
+    labels = {"test": np.r_[np.ones(50), np.zeros(50)].astype(int), "xstest_safe": np.zeros(20, int)}
+    probe = {"test": np.r_[np.full(50, 0.9), np.full(50, 0.1)], "xstest_safe": np.r_[np.full(4, 0.9), np.full(16, 0.1)]}
+    silent = {k: np.zeros(len(y)) for k, y in labels.items()}
+    report = ReportData(title="t", labels=labels, roc_set="test",
+                        methods={"probe": MethodScores(probe, 0.5), "silent": MethodScores(silent, 0.5)})
+    by_set = {v["eval_set"]: v for v in verdicts(report, results_table(report))}
+    assert by_set["xstest_safe"]["outcome"] == "win"  # 20% FPR but full recall beats 0% FPR and no recall
+    assert by_set["xstest_safe"]["probe"] == pytest.approx(0.9) and by_set["xstest_safe"]["rival"] == 0.5
+    report.roc_set = None  # nothing to weigh the FPR against: plain FPR decides
+    assert {v["eval_set"]: v for v in verdicts(report, results_table(report))}["xstest_safe"]["outcome"] == "loss"
 
 
 def test_html_is_self_contained(written):
