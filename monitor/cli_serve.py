@@ -33,9 +33,9 @@ def serve(
     from pydantic import ValidationError
 
     from monitor.config import load_settings
+    from monitor.server import pack_dirs
     from monitor.server import serve as run_server
     from monitor.storage import mask_url
-    from probes.pack import default_pack_dirs
 
     try:
         settings = load_settings(config, port=port, metrics_port=metrics_port, db=db, host=host, model=model,
@@ -44,9 +44,9 @@ def serve(
         console.print(f"[red]invalid configuration:[/red] {e}")
         raise typer.Exit(2) from None
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    pack_dirs = settings.packs if settings.packs is not None else default_pack_dirs(also=settings.detectors)
+    folders = pack_dirs(settings)
     console.print(f"[bold]latentwatch[/bold]: loading model [cyan]{settings.model or 'SmolLM2-135M-Instruct (default)'}"
-                  f"[/cyan] with {len(pack_dirs)} probe pack(s) ...")
+                  f"[/cyan] with {len(folders)} probe pack(s) ...")
 
     def ready(server) -> None:
         dets = ", ".join(server.service.bank.ids) if server.service.bank else "none"

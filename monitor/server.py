@@ -54,6 +54,12 @@ OUTCOME = {"stop": "ok", "length": "ok", "blocked": "blocked", "cancelled": "can
 DEFAULT_PAGE_SIZE = 100
 
 
+def pack_dirs(settings: Settings) -> list[Path]:
+    """The pack folders a server loads: `packs` when set, else the shipped defaults plus the
+    shipped packs that have a configured policy."""
+    return list(settings.packs) if settings.packs is not None else default_pack_dirs(also=settings.detectors)
+
+
 def _now_ts() -> Timestamp:
     ts = Timestamp()
     ts.GetCurrentTime()
@@ -299,13 +305,8 @@ class Service:
         self.draining = False
 
     # detectors -------------------------------------------------------------------
-    def pack_dirs(self) -> list[Path]:
-        if self.settings.packs is not None:
-            return list(self.settings.packs)
-        return default_pack_dirs(also=self.settings.detectors)
-
     def _load_detectors(self) -> tuple[DetectorBank | None, Policy]:
-        packs = load_packs(self.pack_dirs(), expect=self.runner.fingerprint)
+        packs = load_packs(pack_dirs(self.settings), expect=self.runner.fingerprint)
         bank = DetectorBank([Detector.from_pack(p) for p in packs], device=self.runner.device) if packs else None
         unknown = set(self.settings.detectors) - {p.manifest.id for p in packs}
         if unknown:
@@ -723,4 +724,4 @@ async def serve(settings: Settings, *, on_ready: Callable[[Server], None] | None
     await server.stop(drain=min(1.0, settings.grace_period_s))
 
 
-__all__ = ["HookPoint", "Server", "Service", "serve", "bad_utf8_field"]
+__all__ = ["HookPoint", "Server", "Service", "serve", "bad_utf8_field", "pack_dirs"]

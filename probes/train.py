@@ -161,17 +161,23 @@ def score_sets(runner: ModelRunner, pack: ProbePack, sets: dict[str, list[Exampl
     return {name: scores[[index[e.scoring_key] for e in examples]].reshape(-1) for name, examples in sets.items()}
 
 
-def out_of_fold_scores(runner: ModelRunner, pack: ProbePack, fold_probes: list, folds, dev: list[Example],
-                       examples: list[Example], *, batch_size: int = 16, progress: bool = False) -> np.ndarray:
-    """Scores for `examples`: rows of `dev` by the fold model that held them out, others by `pack`."""
-    fold_of = {}
+def held_out_fold(dev: list[Example], folds) -> dict[tuple, int]:
+    """Scoring key of each `dev` row -> index of the fold that holds it out."""
+    fold_of: dict[tuple, int] = {}
     for k, (_, held) in enumerate(folds):
         for i in held:
             fold_of.setdefault(dev[i].scoring_key, k)
+    return fold_of
+
+
+def out_of_fold_scores(runner: ModelRunner, pack: ProbePack, fold_probes: list, fold_of: dict[tuple, int],
+                       examples: list[Example], *, batch_size: int = 16, progress: bool = False) -> np.ndarray:
+    """Scores for `examples`: training rows (keys in `fold_of`) by the fold model that held them
+    out, all others by `pack`."""
     m = pack.manifest
     packs = [pack] + [ProbePack(m.model_copy(update={"id": f"{m.id}-fold{k}"}), p) for k, p in enumerate(fold_probes)]
     scores = bank_scores(runner, packs, examples, batch_size=batch_size, progress=progress)
-    column = [1 + fold_of[e.scoring_key] if e.scoring_key in fold_of else 0 for e in examples]
+    column = [1 + fold_of.get(e.scoring_key, -1) for e in examples]
     return scores[np.arange(len(examples)), column]
 
 
@@ -208,12 +214,12 @@ def train_pack(runner: ModelRunner, data: TrainData, spec: TrainSpec, *, progres
         enabled_by_default=spec.enabled_by_default,
     )
     pack = ProbePack(manifest, probe)
-    cal = out_of_fold_scores(runner, pack, best["fold_probes"], best["folds"], data.dev, data.calibration,
+    fold_of = held_out_fold(data.dev, best["folds"])
+    cal = out_of_fold_scores(runner, pack, best["fold_probes"], fold_of, data.calibration,
                              batch_size=spec.batch_size, progress=progress)
     threshold, achieved = threshold_at_fpr(cal, spec.target_fpr)
     manifest.threshold = threshold
-    in_dev = {e.scoring_key for e in data.dev}
-    oof = sum(e.scoring_key in in_dev for e in data.calibration)
+    oof = sum(e.scoring_key in fold_of for e in data.calibration)
     manifest.calibration = Calibration(method="target_fpr_out_of_fold" if oof else "target_fpr",
                                        target_fpr=spec.target_fpr, benign_set=data.calibration_name,
                                        n_benign=len(data.calibration), achieved_fpr=achieved)
