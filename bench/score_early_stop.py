@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from monitor.bank import Detector, DetectorBank
-from monitor.hooks import HookPoint
+from monitor.domain import HookPoint
 from monitor.runner import HookPass, ModelRunner, encode_all
 from probes.kinds.base import ScoringHead
 from probes.recipes import harmful_intent_splits

@@ -1,7 +1,7 @@
 """The detector bank: every probe on every token, inside the forward pass, on the model's device.
 
-Probes that read the same hook point are stacked into one weight matrix, so a hook point costs
-one matmul however many probes read it (plus one small matmul when MLP probes are present).
+Detectors that read the same hook point are fused per scorer kind (`monitor.scorers`): all
+affine probes at a hook point cost one matmul however many there are; MLP probes add two.
 Per-token logits land in a step buffer; `BankState.update` folds them into per-row running
 aggregates (last, mean, max, EMA, rolling max) with padding masked out. Nothing here leaves the
 device: the runner moves one tensor to the host per forward step.
@@ -13,10 +13,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from monitor.hooks import HookPoint
-from probes.kinds.base import ScoringHead
-
-AGGREGATIONS = ("last", "mean", "max", "ema", "rolling_max")
+from monitor.domain import AGGREGATIONS, HookPoint
+from monitor.scorers import scorer_for
 
 
 @dataclass
@@ -26,7 +24,7 @@ class Detector:
     id: str
     version: str
     hook_point: HookPoint
-    head: ScoringHead
+    head: object  # anything with a registered `scorer_kind` (monitor.scorers)
     aggregation: str = "mean"
     alpha: float | None = None  # ema
     window: int | None = None  # rolling_max
@@ -60,42 +58,23 @@ class Detector:
 
 
 class HookGroup:
-    """The fused scoring weights for all probes that read one hook point."""
+    """Every detector that reads one hook point: one scorer per scorer kind present there."""
 
-    def __init__(self, point: HookPoint, heads: list[ScoringHead], slots: list[int], device, dtype):
+    def __init__(self, point: HookPoint, heads: list, slots: list[int], device, dtype):
         self.point = point
-        self.slots = torch.tensor(slots, device=device)
-        w1 = torch.cat([h.w1 for h in heads], dim=1)
-        b1 = torch.cat([h.b1 for h in heads])
-        self.w1 = w1.to(device=device, dtype=dtype)
-        self.b1 = b1.to(device=device, dtype=dtype)
-        self.matmuls = 1
-        self.w2 = self.b2 = self.relu_cols = None
-        if any(h.w2 is not None for h in heads):
-            # Second stage maps hidden columns to probe logits: identity for affine columns,
-            # the probe's output weights for MLP columns (a block-diagonal matrix).
-            w2 = torch.zeros(w1.shape[1], len(heads))
-            b2 = torch.zeros(len(heads))
-            relu = torch.zeros(w1.shape[1], dtype=torch.bool)
-            col = 0
-            for j, h in enumerate(heads):
-                if h.w2 is None:
-                    w2[col, j] = 1.0
-                else:
-                    w2[col : col + h.width, j] = h.w2
-                    b2[j] = h.b2
-                    relu[col : col + h.width] = True
-                col += h.width
-            self.w2, self.b2 = w2.to(device=device, dtype=dtype), b2.to(device=device, dtype=dtype)
-            self.relu_cols = relu.to(device)
-            self.matmuls = 2
+        by_kind: dict[type, list[int]] = {}
+        for i, head in enumerate(heads):
+            by_kind.setdefault(scorer_for(head), []).append(i)
+        self.scorers = [
+            (cls([heads[i] for i in idx], device, dtype), torch.tensor([slots[i] for i in idx], device=device))
+            for cls, idx in by_kind.items()
+        ]
 
-    def logits(self, h: torch.Tensor) -> torch.Tensor:
-        """[batch, seq, d_model] -> [batch, seq, probes] in fp32."""
-        z = torch.addmm(self.b1, h.reshape(-1, h.shape[-1]).to(self.w1.dtype), self.w1)
-        if self.w2 is not None:
-            z = torch.addmm(self.b2, torch.where(self.relu_cols, z.relu(), z), self.w2)
-        return z.float().view(*h.shape[:-1], -1)
+    def record(self, h: torch.Tensor, out: torch.Tensor) -> None:
+        """Score [batch, seq, d_model] into `out` [batch, seq, detectors] at each head's slot."""
+        flat = h.reshape(-1, h.shape[-1])
+        for scorer, slots in self.scorers:
+            out.index_copy_(2, slots, scorer.logits(flat).view(*h.shape[:-1], -1))
 
 
 class DetectorBank:
@@ -144,6 +123,11 @@ class DetectorBank:
     def hook_points(self) -> list[HookPoint]:
         return list(self.groups)
 
+    def directions(self, slot: int) -> torch.Tensor:
+        """[d_model, k] directions detector `slot` reads, for spotting steering that would blind it."""
+        head = self.detectors[slot].head
+        return scorer_for(head).directions(head)
+
     @property
     def deepest(self) -> HookPoint | None:
         return max(self.groups, default=None)
@@ -170,9 +154,11 @@ class BankState:
     def begin_step(self, rows: int, seq: int) -> None:
         self.step_logits = torch.zeros(rows, seq, self.bank.size, device=self.bank.device)
 
-    def record(self, group: HookGroup, h: torch.Tensor) -> None:
-        """Called from the forward hook: score this hook point's probes on every token."""
-        self.step_logits.index_copy_(2, group.slots, group.logits(h))
+    def record(self, point: HookPoint, h: torch.Tensor) -> None:
+        """Called from the forward hook: score this hook point's detectors on every token."""
+        group = self.bank.groups.get(point)
+        if group is not None:
+            group.record(h, self.step_logits)
 
     def update(self, mask: torch.Tensor) -> torch.Tensor:
         """Fold the step's logits into the aggregates; `mask` [rows, seq] marks scored tokens.

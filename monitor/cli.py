@@ -3,28 +3,21 @@
 from __future__ import annotations
 
 import json
-import sys
+import math
 from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
+from monitor.cli_serve import console, fail, out
 from monitor.cli_serve import register as register_service_commands
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="White-box safety monitor for language models.")
-console = Console(stderr=True)
-# Tables go to stdout; when piped, rich would squeeze them to 80 columns and cut ids short.
-out = Console() if sys.stdout.isatty() else Console(width=200)
 
 ModelOpt = Annotated[str | None, typer.Option("--model", help="HF id, local folder, GGUF file; default SmolLM2-135M")]
 DeviceOpt = Annotated[str | None, typer.Option("--device", help="cuda / cpu (default: cuda when available)")]
-
-
-def fail(message: str) -> None:
-    console.print(f"[bold red]error:[/] {message}")
-    raise typer.Exit(2)
+POOLS = ("mean", "last")  # token poolings training can sweep (what ModelRunner.capture pools)
 
 
 def load_runner(model: str | None, device: str | None):
@@ -57,14 +50,23 @@ def pack_folders(packs: list[Path] | None, detectors: list[str] | None) -> list[
 
 
 def load_pack_folders(folders: list[Path], runner=None, detectors: list[str] | None = None):
-    """Load and validate packs (against the model's fingerprint when a runner is given)."""
+    """Load and validate packs, against the model's fingerprint when a runner is given (without
+    one, everything else is checked: call it before loading the model too). Keeps the packs
+    named in `detectors`, each of which must be there."""
     from probes.pack import PackError, load_packs
 
     try:
         loaded = load_packs(folders, expect=runner.fingerprint if runner is not None else None)
     except PackError as e:
         fail(str(e))
-    return [p for p in loaded if not detectors or p.manifest.id in detectors]
+    if not detectors:
+        return loaded
+    held = [p.manifest.id for p in loaded]
+    missing = [d for d in detectors if d not in held]
+    if missing:
+        fail(f"--detector {', '.join(missing)}: not in the packs given, which hold {', '.join(held)}; "
+             "name one of those or pass that detector's pack with --pack FOLDER")
+    return [p for p in loaded if p.manifest.id in detectors]
 
 
 def read_examples(path: Path, *, labelled: bool):
@@ -74,6 +76,40 @@ def read_examples(path: Path, *, labelled: bool):
         return read_jsonl(path, labelled=labelled)
     except (DataError, OSError) as e:
         fail(str(e))
+
+
+def load_recipe(recipe: str, datasets: str | None, seed: int):
+    from probes.recipes import RECIPES, datasets_dir
+
+    if recipe not in RECIPES:
+        fail(f"unknown recipe {recipe!r}; known: {sorted(RECIPES)}")
+    try:
+        return RECIPES[recipe](datasets_dir(datasets), seed=seed)
+    except (FileNotFoundError, ValueError) as e:
+        fail(str(e))
+
+
+def locate(source: Path | str, i: int, example) -> str:
+    """`file:line (id ...)` of the i-th example read from `source`, a JSONL file or a named set."""
+    if isinstance(source, Path):
+        with source.open(encoding="utf-8-sig") as f:  # as read_jsonl reads it: blank lines hold no example
+            where = f"{source}:{[n for n, line in enumerate(f, 1) if line.strip()][i]}"
+    else:
+        where = f"{source} row {i + 1}"
+    return where + (f" (id {example.id})" if example.id is not None else "")
+
+
+def encode_rows(runner, examples, *, chat: bool, source: Path | str) -> list:
+    """Encode every example; one the model cannot take is an error naming it and what to fix."""
+    from monitor.runner import InputError, InputTooLong
+
+    items = []
+    for i, ex in enumerate(examples):
+        try:
+            items.append(runner.encode(text=ex.text, messages=ex.messages, chat=chat, score_suffix=ex.score_suffix))
+        except InputError as e:
+            fail(f"{locate(source, i, ex)}: {e}" + ("; shorten or split it" if isinstance(e, InputTooLong) else ""))
+    return items
 
 
 # ------------------------------------------------------------------------------------ train
@@ -91,13 +127,31 @@ RECIPE_SWEEPS = {
 
 def sweep_hook_points(num_layers: int) -> list[str]:
     """Residual stream from ~15% to ~80% of depth, every depth/15 blocks: 4, 6, ..., 24 on a 30-block model."""
-    return [f"blocks.{i}.resid_post" for i in range(round(0.14 * num_layers), round(0.8 * num_layers) + 1,
-                                                     max(1, num_layers // 15))]
+    last = min(round(0.8 * num_layers), num_layers - 1)
+    return [f"blocks.{i}.resid_post" for i in range(round(0.14 * num_layers), last + 1, max(1, num_layers // 15))]
+
+
+def check_train_options(kind: list[str] | None, hook_point: list[str] | None, pool: list[str] | None) -> None:
+    """What --kind, --hook-point and --pool can get wrong without the model (layer range needs it)."""
+    from monitor.domain import HookPoint, HookPointError
+    from probes.kinds import PROBE_KINDS
+
+    for k in kind or []:
+        if k not in PROBE_KINDS:
+            fail(f"unknown --kind {k!r}; known kinds: {', '.join(sorted(PROBE_KINDS))}")
+    for name in hook_point or []:
+        try:
+            HookPoint.parse(name)
+        except HookPointError as e:
+            fail(f"--hook-point: {e}")
+    for p in pool or []:
+        if p not in POOLS:
+            fail(f"unknown --pool {p!r}; use {' or '.join(POOLS)}")
 
 
 @app.command()
 def train(
-    out: Annotated[Path, typer.Option("--out", help="folder to write the probe pack to")],
+    out_dir: Annotated[Path, typer.Option("--out", help="folder to write the probe pack to")],
     recipe: Annotated[str | None, typer.Option(help="harmful_intent or deception (reads ../shared/datasets)")] = None,
     data: Annotated[Path | None, typer.Option(help="labelled JSONL: {text|messages, label}")] = None,
     val: Annotated[Path | None, typer.Option(help="more labelled JSONL, pooled with --data")] = None,
@@ -106,9 +160,13 @@ def train(
     calibration_name: Annotated[str | None, typer.Option(help="name recorded for the benign set")] = None,
     eval_data: Annotated[list[Path] | None, typer.Option("--eval", help="labelled JSONL held-out set(s)")] = None,
     pack_id: Annotated[str | None, typer.Option("--id", help="pack id (default: recipe name or output folder)")] = None,
-    kind: Annotated[list[str] | None, typer.Option(help="probe kind(s): logistic, diff_means, lat, mlp")] = None,
-    hook_point: Annotated[list[str] | None, typer.Option(help="hook point(s), e.g. blocks.14.resid_post")] = None,
-    pool: Annotated[list[str] | None, typer.Option(help="token pooling for training: mean, last")] = None,
+    kind: Annotated[list[str] | None, typer.Option(help="probe kind(s): logistic, diff_means, lat, mlp "
+                                                   "(default: logistic; recipes sweep their own)")] = None,
+    hook_point: Annotated[list[str] | None, typer.Option(help="hook point(s), e.g. blocks.14.resid_post (default: "
+                                                         "resid_post every ~depth/15 blocks, 15%-80% of depth)")
+                          ] = None,
+    pool: Annotated[list[str] | None, typer.Option(help="token pooling(s) for training: mean, last "
+                                                   "(default: both)")] = None,
     target_fpr: Annotated[float, typer.Option(help="false-positive rate on the benign set")] = 0.01,
     folds: Annotated[int, typer.Option(help="cross-validation folds for selection and calibration")] = 5,
     raw: Annotated[bool, typer.Option("--raw", help="score text as raw text, not as a user chat turn")] = False,
@@ -123,36 +181,35 @@ def train(
 
     if (recipe is None) == (data is None):
         fail("give either --recipe NAME or --data FILE")
+    check_train_options(kind, hook_point, pool)
     sweep = RECIPE_SWEEPS.get(recipe or "", {})
     if recipe:
-        from probes.recipes import RECIPES, datasets_dir
-
-        if recipe not in RECIPES:
-            fail(f"unknown recipe {recipe!r}; known: {sorted(RECIPES)}")
-        try:
-            splits = RECIPES[recipe](datasets_dir(datasets), seed=seed)
-        except (FileNotFoundError, ValueError) as e:
-            fail(str(e))
+        splits = load_recipe(recipe, datasets, seed)
         cal_name = sweep["calibration"]
         tdata = TrainData(splits.train + splits.val, cal_name, splits.calibration[cal_name],
                           {"test": splits.test, **splits.eval_sets}, recipe=recipe)
+        inputs = [("training rows", tdata.dev), (cal_name, tdata.calibration), *tdata.eval_sets.items()]
     else:
-        dev = read_examples(data, labelled=True) + (read_examples(val, labelled=True) if val is not None else [])
+        inputs = [(p, read_examples(p, labelled=True)) for p in (data, val) if p is not None]
+        dev = [row for _, rows in inputs for row in rows]
         if calibration is None:
             cal_rows, cal_name = [r for r in dev if r.label == 0], "train_negatives"
         else:
             cal_rows, cal_name = read_examples(calibration, labelled=False), calibration_name or calibration.stem
+            inputs.append((calibration, cal_rows))
         if not cal_rows:
             fail("no benign examples to calibrate on: pass --calibration FILE")
-        evals = {p.stem: read_examples(p, labelled=True) for p in eval_data or []}
-        tdata = TrainData(dev, cal_name, cal_rows, evals)
+        evals = [(p, read_examples(p, labelled=True)) for p in eval_data or []]
+        inputs += evals
+        tdata = TrainData(dev, cal_name, cal_rows, {p.stem: rows for p, rows in evals})
     runner = load_runner(model, device)
-    default_points = sweep_hook_points(runner.hooks.num_layers) if recipe else ["blocks.14.resid_post"]
+    for source, rows in inputs:
+        encode_rows(runner, rows, chat=not raw, source=source)
     spec = TrainSpec(
-        pack_id=pack_id or recipe or out.name.replace(" ", "_").lower(),
-        hook_points=hook_point or default_points,
+        pack_id=pack_id or recipe or out_dir.name.replace(" ", "_").lower(),
+        hook_points=hook_point or sweep_hook_points(runner.hooks.num_layers),
         probes=[(k, {}) for k in kind] if kind else sweep.get("probes", [("logistic", {})]),
-        pools=pool or sweep.get("pools", ["mean"]),
+        pools=pool or sweep.get("pools", list(POOLS)),
         input_format="raw" if raw else "chat",
         target_fpr=target_fpr,
         seed=seed,
@@ -163,12 +220,13 @@ def train(
     )
     try:
         pack, table = train_pack(runner, tdata, spec)
-    except ValueError as e:
+        pack.save(out_dir)
+    except (ValueError, OSError) as e:  # PackError is a ValueError
         fail(str(e))
-    pack.save(out)
     m = pack.manifest
-    console.print(f"[green]wrote[/] {out}  ({m.kind} @ {m.hook_point}, {m.aggregation.kind} pooling, "
-                  f"threshold {m.threshold:.4f} at {target_fpr:.2%} FPR on {m.calibration.benign_set})")
+    console.print(f"[green]wrote[/] {out_dir}  ({m.kind} @ {m.hook_point}, {m.aggregation.kind} pooling, "
+                  f"threshold {m.threshold:.4f} at {target_fpr:.2%} FPR on {m.calibration.benign_set}; "
+                  f"best of {len(table)} candidate(s))")
     print_metrics(m.metrics)
 
 
@@ -205,26 +263,30 @@ def eval_(
     if not data and not recipe:
         fail("give --data FILE (labelled JSONL) or --recipe NAME")
     sets = {p.stem: read_examples(p, labelled=True) for p in data or []}
+    sources: dict[str, Path | str] = {p.stem: p for p in data or []}
     splits = Splits(train=[], val=[], test=[], eval_sets=dict(sets))  # what --report sees without a recipe
     if recipe:
-        from probes.recipes import RECIPES, datasets_dir
-
-        if recipe not in RECIPES:
-            fail(f"unknown recipe {recipe!r}; known: {sorted(RECIPES)}")
-        splits = RECIPES[recipe](datasets_dir(datasets), seed=seed)
+        splits = load_recipe(recipe, datasets, seed)
         splits.eval_sets = {**sets, **splits.eval_sets}
         sets |= {"test": splits.test, **splits.eval_sets}
     folders = pack_folders(pack, detector)
+    load_pack_folders(folders, detectors=detector)  # before the model loads
     runner = load_runner(model, device)
-    results = {}
     packs = load_pack_folders(folders, runner, detector)
+    for chat in {p.manifest.input_format == "chat" for p in packs}:
+        for name, rows in sets.items():
+            encode_rows(runner, rows, chat=chat, source=sources.get(name, name))
+    results = {}
     for p in packs:
         results[p.manifest.id] = evaluate_sets(runner, p, sets, batch_size=batch_size, progress=True)
         if report:
             from probes.report import build_report_data, write_report
 
-            out = report if len(packs) == 1 else report / p.manifest.id
-            index = write_report(out, build_report_data(runner, p, splits, batch_size=batch_size, seed=seed))
+            folder = report if len(packs) == 1 else report / p.manifest.id
+            try:
+                index = write_report(folder, build_report_data(runner, p, splits, batch_size=batch_size, seed=seed))
+            except (ValueError, OSError) as e:
+                fail(str(e))
             console.print(f"[green]report[/] {index}")
     if as_json:
         print(json.dumps(results, indent=2))
@@ -240,7 +302,8 @@ def eval_(
 def score(
     input: Annotated[Path, typer.Option("--input", help="JSONL: {id?, text|messages}")],
     output: Annotated[Path, typer.Option("--output", help="JSONL with scores and flags per input")],
-    detector: Annotated[list[str] | None, typer.Option(help="detector id(s); default: all shipped packs")] = None,
+    detector: Annotated[list[str] | None, typer.Option(help="detector id(s); default: the shipped packs "
+                                                       "that are on by default")] = None,
     pack: Annotated[list[Path] | None, typer.Option(help="probe pack folder(s) instead of shipped packs")] = None,
     batch_size: int = 16,
     model: ModelOpt = None,
@@ -248,24 +311,32 @@ def score(
 ):
     """Score unlabelled text: one line out per line in, p in [0, 1], flagged at each pack's threshold."""
     from monitor.bank import Detector, DetectorBank
-    from monitor.runner import encode_all
     from probes.data import write_jsonl
 
     examples = read_examples(input, labelled=False)
     folders = pack_folders(pack, detector)
+    load_pack_folders(folders, detectors=detector)  # before the model loads
     runner = load_runner(model, device)
     packs = load_pack_folders(folders, runner, detector)
     try:
         bank = DetectorBank([Detector.from_pack(p) for p in packs], device=runner.device)
     except ValueError as e:
         fail(str(e))
-    results = runner.score(encode_all(runner, examples, chat=bank.input_format == "chat"), bank,
-                           batch_size=batch_size, progress=True)
-    write_jsonl(output, (
-        {"id": ex.id, "scores": dict(zip(bank.ids, map(float, r.probs))),
-         "flagged": dict(zip(bank.ids, map(bool, r.flagged)))}
-        for ex, r in zip(examples, results)
-    ))
+    items = encode_rows(runner, examples, chat=bank.input_format == "chat", source=input)
+    results = runner.score(items, bank, batch_size=batch_size, progress=True)
+    for i, (ex, r) in enumerate(zip(examples, results)):
+        bad = [d for d, p in zip(bank.ids, r.probs) if not math.isfinite(p)]
+        if bad:
+            fail(f"{locate(input, i, ex)}: {', '.join(bad)} scored NaN or inf, so nothing was written to {output}; "
+                 "the model's activations are not finite: check --model and --device", code=1)
+    try:
+        write_jsonl(output, (
+            {"id": ex.id, "scores": dict(zip(bank.ids, map(float, r.probs))),
+             "flagged": dict(zip(bank.ids, map(bool, r.flagged)))}
+            for ex, r in zip(examples, results)
+        ))
+    except OSError as e:
+        fail(f"cannot write {output}: {e}")
     flagged = sum(bool(r.flagged.any()) for r in results)
     console.print(f"[green]scored[/] {len(results)} inputs with {', '.join(bank.ids)}; {flagged} flagged -> {output}")
 

@@ -1,10 +1,14 @@
-"""`latentwatch serve` and `latentwatch alerts`; `register(app)` adds both to the main typer app."""
+"""`latentwatch serve` and `latentwatch alerts`; `register(app)` adds both to the main typer app.
+
+Also the consoles and `fail()` every `latentwatch` command shares.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import logging
+import socket
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
@@ -14,42 +18,91 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from monitor.config import Settings
+
 console = Console(stderr=True)
-out = Console() if sys.stdout.isatty() else Console(width=200)  # piped tables keep full ids
+# Tables go to stdout; when piped, rich would squeeze them to 80 columns and cut ids short.
+out = Console() if sys.stdout.isatty() else Console(width=200)
+
+
+def fail(message: str, code: int = 2) -> None:
+    """One line on stderr that says what to fix, then exit (never a traceback)."""
+    console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def _default(field: str):
+    return Settings.model_fields[field].default
+
+
+def summarise(error) -> str:
+    """A pydantic ValidationError as `field.path: message; ...`."""
+    return "; ".join(f"{'.'.join(map(str, e['loc'])) or '<root>'}: {e['msg']}" for e in error.errors())
+
+
+def check_port(flag: str, host: str, port: int | None) -> None:
+    """Fail unless host:port can be bound now (port 0 picks a free one, None is off)."""
+    if not port:
+        return
+    try:
+        family, kind, proto, _, addr = socket.getaddrinfo(host.strip("[]"), port, type=socket.SOCK_STREAM,
+                                                          flags=socket.AI_PASSIVE)[0]
+        with socket.socket(family, kind, proto) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC does: TIME_WAIT is no conflict
+            s.bind(addr)
+    except OSError as e:
+        fail(f"cannot listen on {host}:{port} ({e.strerror or e}): stop what holds it or pick another {flag}")
 
 
 def serve(
+    ctx: typer.Context,
     config: Annotated[Path | None, typer.Option("--config", help="TOML/YAML/JSON settings file.")] = None,
-    port: Annotated[int | None, typer.Option(help="gRPC port [default 50051].")] = None,
-    metrics_port: Annotated[int | None, typer.Option(help="Prometheus /metrics port [default 9464].")] = None,
-    db: Annotated[str | None, typer.Option("--db", help="Database URL [default: sqlite, data/].")] = None,
-    host: Annotated[str | None, typer.Option(help="Bind address [default 127.0.0.1; 0.0.0.0 in k8s].")] = None,
-    model: Annotated[str | None, typer.Option(help="Model id/folder/GGUF [default SmolLM2-135M-Instruct].")] = None,
-    packs: Annotated[list[Path] | None, typer.Option("--packs", help="Probe pack folder (repeatable).")] = None,
-    device: Annotated[str | None, typer.Option(help="torch device.")] = None,
-    text_policy: Annotated[str | None, typer.Option(help="always | alerts_only | never.")] = None,
+    port: Annotated[int, typer.Option(help="gRPC port (0 = a free one).", show_default=True)] = _default("port"),
+    metrics_port: Annotated[int, typer.Option(help="Prometheus /metrics port (0 = a free one).",
+                                              show_default=True)] = _default("metrics_port"),
+    db: Annotated[str, typer.Option("--db", help="Database URL: sqlite:///path.db or postgresql://...",
+                                    show_default=True)] = _default("db"),
+    host: Annotated[str, typer.Option(help="Bind address; 0.0.0.0 in a k8s sidecar.",
+                                      show_default=True)] = _default("host"),
+    model: Annotated[str | None, typer.Option(help="Model: HF id, local folder or GGUF file.",
+                                              show_default="SmolLM2-135M-Instruct")] = None,
+    packs: Annotated[list[Path] | None, typer.Option(
+        "--pack", "--packs", help="Probe pack folder to serve INSTEAD of the shipped packs (repeatable).",
+        show_default="the shipped packs that are on by default")] = None,
+    add_packs: Annotated[list[Path] | None, typer.Option(
+        "--add-pack", help="Probe pack folder to serve IN ADDITION to the shipped (or --pack) packs "
+        "(repeatable).")] = None,
+    device: Annotated[str | None, typer.Option(help="torch device.", show_default="cuda if available, else cpu")
+                      ] = None,
+    text_policy: Annotated[str, typer.Option(help="Texts stored: always | alerts_only | never.",
+                                             show_default=True)] = _default("text_policy"),
 ) -> None:
-    """Start the gRPC sidecar (file < LATENTWATCH_* env < flags)."""
+    """Start the gRPC sidecar. Settings: defaults < config file < LATENTWATCH_* env < flags given."""
     from pydantic import ValidationError
 
     from monitor.config import load_settings
-    from monitor.server import pack_dirs
+
+    flags = {"port": port, "metrics_port": metrics_port, "db": db, "host": host, "model": model, "packs": packs,
+             "extra_packs": add_packs, "device": device, "text_policy": text_policy}
+    param = {"extra_packs": "add_packs"}  # where the setting's name differs from the parameter's
+    given = {k: v for k, v in flags.items() if ctx.get_parameter_source(param.get(k, k)).name == "COMMANDLINE"}
+    try:
+        settings = load_settings(config, **given)
+    except ValidationError as e:
+        fail(f"invalid configuration: {summarise(e)}")
+    except ValueError as e:
+        fail(f"invalid configuration: {e}")
+    folders = check_before_loading(settings)
+
     from monitor.server import serve as run_server
     from monitor.storage import mask_url
 
-    try:
-        settings = load_settings(config, port=port, metrics_port=metrics_port, db=db, host=host, model=model,
-                                 packs=packs or None, device=device, text_policy=text_policy)
-    except (ValidationError, ValueError) as e:
-        console.print(f"[red]invalid configuration:[/red] {e}")
-        raise typer.Exit(2) from None
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    folders = pack_dirs(settings)
     console.print(f"[bold]latentwatch[/bold]: loading model [cyan]{settings.model or 'SmolLM2-135M-Instruct (default)'}"
                   f"[/cyan] with {len(folders)} probe pack(s) ...")
 
     def ready(server) -> None:
-        dets = ", ".join(server.service.bank.ids) if server.service.bank else "none"
+        dets = ", ".join(r.id for r in server.service.snapshot.rules) or "none"
         metrics = f"http://{settings.metrics_host or settings.host}:{server.metrics_port}/metrics" \
             if server.metrics_port is not None else "off"
         console.print(
@@ -60,39 +113,65 @@ def serve(
         )
 
     try:
-        asyncio.run(run_server(settings, on_ready=ready))
+        # ReloadDetectors re-reads the file and environment, under the same flags
+        asyncio.run(run_server(settings, on_ready=ready, reload_settings=lambda: load_settings(config, **given)))
     except Exception as e:  # startup failures: say what and exit non-zero, no traceback wall
-        console.print(f"[red]latentwatch serve failed:[/red] {type(e).__name__}: {e}")
-        raise typer.Exit(1) from None
+        fail(f"latentwatch serve failed: {type(e).__name__}: {str(e).splitlines()[0]}", code=1)
     console.print("stopped cleanly")
 
 
+def check_before_loading(settings: Settings) -> list[Path]:
+    """What can be wrong without the model, checked before it loads: packs, database, ports.
+
+    Returns the pack folders to serve. Only the packs' model fingerprints wait for the model.
+    """
+    from monitor.snapshot import pack_dirs
+    from monitor.storage import StorageError, check_url
+    from probes.pack import PackError, load_packs
+
+    try:
+        folders = pack_dirs(settings)
+        load_packs(folders)
+    except PackError as e:
+        fail(str(e))
+    try:
+        check_url(settings.db)
+    except StorageError as e:
+        fail(str(e))
+    metrics_host = settings.metrics_host or settings.host
+    if settings.port and settings.port == settings.metrics_port and metrics_host == settings.host:
+        fail(f"port and metrics_port are both {settings.port}: give them different ports")
+    check_port("--port", settings.host, settings.port)
+    check_port("--metrics-port", metrics_host, settings.metrics_port)
+    return folders
+
+
 def alerts(
-    db: Annotated[str, typer.Option("--db", help="Database URL.")] = "sqlite:///data/latentwatch.db",
+    db: Annotated[str, typer.Option("--db", help="Database URL (the server's `db`).")] = _default("db"),
     format: Annotated[str, typer.Option("--format", help="table | json")] = "table",
     detector: Annotated[str | None, typer.Option(help="Only this detector id.")] = None,
     request: Annotated[str | None, typer.Option(help="Only this request id.")] = None,
     client: Annotated[str | None, typer.Option(help="Only this client id.")] = None,
     since: Annotated[datetime | None, typer.Option(help="Only alerts at/after this time (UTC if no zone).")] = None,
     until: Annotated[datetime | None, typer.Option(help="Only alerts before this time.")] = None,
-    limit: Annotated[int, typer.Option(help="Most alerts to print (1..1000).")] = 100,
+    limit: Annotated[int, typer.Option(min=1, max=1000, help="Most alerts to print.")] = 100,
 ) -> None:
     """Query recorded alerts, oldest first."""
-    from monitor.storage import StorageError, get_alerts, open_database
+    from monitor.storage import StorageError, get_alerts, open_readonly
 
     if format not in ("table", "json"):
-        console.print(f"[red]--format must be table or json, got {format!r}[/red]")
-        raise typer.Exit(2)
+        fail(f"--format must be table or json, got {format!r}")
     try:
-        engine = open_database(db)
+        engine = open_readonly(db)
         rows, _ = get_alerts(engine, since=_utc(since), until=_utc(until), detector_id=detector, request_id=request,
                              client_id=client, page_size=limit)
     except (StorageError, ValueError) as e:
-        console.print(f"[red]{e}[/red]")
-        raise typer.Exit(1) from None
+        fail(str(e))
     if format == "json":
-        out = [{**r.__dict__, "created_at": r.created_at.isoformat()} for r in rows]
-        typer.echo(json.dumps(out, indent=2))
+        typer.echo(json.dumps([{**r.__dict__, "created_at": r.created_at.isoformat()} for r in rows], indent=2))
+        return
+    if not rows:
+        console.print("no alerts match")
         return
     table = Table("time", "detector", "score", "threshold", "action", "request", "client", "token", "span")
     for r in rows:

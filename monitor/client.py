@@ -7,11 +7,22 @@ Results are plain dataclasses so callers never handle protobuf messages:
         print(r.scores["harmful_intent"], r.flagged)
         for ev in c.generate([{"role": "user", "content": "hi"}], max_new_tokens=16):
             ...
+
+Enums cross as the domain names of `monitor.domain` (actions "alert"/"steer"/"block",
+intervention kinds "block"/"steer"/"override", steering kinds "add"/"ablate", positions
+"prompt"/"generated"/"all", request kinds "generate"/"score", finish reasons "stop"/"length"/
+"blocked"), through the tables of `monitor.enums`, the same ones the server uses. A number a
+response carries that the client does not know reads "unknown(N)"; an unset one "unspecified".
+
+Response-level fields ride on the returned lists: `score()` returns a `ScoreResults` list with
+`.request_id` and `.snapshot_version`; `list_detectors()` and `reload_detectors()` return a
+`DetectorList` with `.snapshot_version` (for a reload: the new snapshot's version, read from the
+same response, so it never races another reload). Both are plain lists otherwise.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
@@ -20,9 +31,45 @@ from google.protobuf.json_format import MessageToDict
 
 from latentwatch.v1 import monitor_pb2 as pb
 from latentwatch.v1 import monitor_pb2_grpc as pb_grpc
+from monitor import enums
 
-_FINISH = {pb.FINISH_REASON_STOP: "stop", pb.FINISH_REASON_LENGTH: "length", pb.FINISH_REASON_BLOCKED: "blocked"}
-_ACTION = {pb.ACTION_ALERT: "alert", pb.ACTION_BLOCK: "block", pb.ACTION_STEER: "steer"}
+
+def _inverse(table: Mapping[str, int]) -> dict[int, str]:
+    return {number: name for name, number in table.items()}
+
+
+# number -> domain name, for responses
+_ACTION = _inverse(enums.ACTION)
+_INTERVENTION = _inverse(enums.INTERVENTION)
+_REQUEST_KIND = _inverse(enums.REQUEST_KIND)
+_STEERING_KIND = _inverse(enums.STEERING_KIND)
+_POSITIONS = dict(enums.POSITIONS)  # already number -> name; unset reads as the server's default
+_FINISH = _inverse(enums.FINISH)
+# `enums.DETECTOR_KIND` is keyed by scorer kind ("affine", "mlp") and has no SAE entry, so the
+# wire name of the number itself is the only name a client can show: "linear_probe", "mlp_probe",
+# "sae_feature".
+_DETECTOR_KIND = {n: name.removeprefix("DETECTOR_KIND_").lower() for name, n in pb.DetectorKind.items() if n}
+# domain name -> number, for requests (positions: every name but the unset number's alias)
+_POSITIONS_IN = {name: n for n, name in enums.POSITIONS.items() if n}
+
+
+def _name(table: Mapping[int, str], number: int) -> str:
+    if number in table:
+        return table[number]
+    return "unspecified" if number == 0 else f"unknown({number})"
+
+
+def _number(where: str, table: Mapping[str, int], name) -> int:
+    if name not in table:
+        raise ValueError(f"{where}: unknown value {name!r}, expected one of {', '.join(table)}")
+    return table[name]
+
+
+def _time(msg, name: str) -> datetime | None:
+    return getattr(msg, name).ToDatetime(UTC) if msg.HasField(name) else None
+
+
+# ------------------------------------------------------------------------------ results
 
 
 @dataclass(frozen=True)
@@ -33,16 +80,23 @@ class Alert:
     detector_version: str
     score: float
     threshold: float
-    action: str
+    action: str  # alert | steer | block
     token_index: int
     create_time: datetime | None
     client_id: str = ""
+    request_kind: str = "unspecified"  # generate | score
+    input_index: int = 0  # for Score: which input raised it
+    conversation_id: str = ""
+    tags: dict[str, str] = field(default_factory=dict)
+    snapshot_version: str = ""
 
     @classmethod
     def from_proto(cls, a: pb.Alert) -> Alert:
-        t = a.create_time.ToDatetime(UTC) if a.HasField("create_time") else None
+        md = a.metadata
         return cls(a.alert_id, a.request_id, a.detector_id, a.detector_version, a.score, a.threshold,
-                   _ACTION.get(a.action, "alert"), a.token_index, t, a.metadata.client_id)
+                   _name(_ACTION, a.action), a.token_index, _time(a, "create_time"), md.client_id,
+                   _name(_REQUEST_KIND, a.request_kind), a.input_index, md.conversation_id, dict(md.tags),
+                   a.snapshot_version)
 
 
 @dataclass(frozen=True)
@@ -58,6 +112,16 @@ class ScoreResult:
         return any(self.flagged.values())
 
 
+class ScoreResults(list[ScoreResult]):
+    """What `score()` returns: one `ScoreResult` per input, in input order, plus the response's
+    `request_id` and `snapshot_version` (the detector snapshot that scored the inputs)."""
+
+    def __init__(self, results=(), *, request_id: str = "", snapshot_version: str = ""):
+        super().__init__(results)
+        self.request_id = request_id
+        self.snapshot_version = snapshot_version
+
+
 @dataclass(frozen=True)
 class Token:
     index: int
@@ -67,22 +131,65 @@ class Token:
 
 
 @dataclass(frozen=True)
-class Intervention:
-    kind: str  # block | steer
+class SteeringInfo:
+    """The steering an intervention switched on (an inline vector is not echoed by the server)."""
+
+    kind: str  # add | ablate
+    hook_point: str
+    coefficient: float
+    vector_id: str
+    positions: str  # prompt | generated | all
+    trigger_detector_id: str = ""
+
+
+@dataclass(frozen=True)
+class OverrideInfo:
+    """A request's policy override of one detector; None = the detector's own value kept."""
+
     detector_id: str
+    threshold: float | None
+    action: str | None  # alert | steer | block
+
+
+@dataclass(frozen=True)
+class Intervention:
+    kind: str  # block | steer | override
+    detector_id: str  # "" for steering requested to run from the start
     token_index: int
+    intervention_id: str = ""
+    request_id: str = ""
+    create_time: datetime | None = None
+    steering: SteeringInfo | None = None  # for kind "steer"
+    override: OverrideInfo | None = None  # for kind "override"
+    client_id: str = ""
+    snapshot_version: str = ""
+
+    @classmethod
+    def from_proto(cls, i: pb.Intervention) -> Intervention:
+        steering = override = None
+        if i.HasField("steering"):
+            s = i.steering
+            steering = SteeringInfo(_name(_STEERING_KIND, s.kind), s.hook_point, s.coefficient, s.vector_id,
+                                    _name(_POSITIONS, s.positions), s.trigger_detector_id)
+        if i.HasField("override"):
+            o = i.override
+            override = OverrideInfo(o.detector_id, o.threshold if o.HasField("threshold") else None,
+                                    _name(_ACTION, o.action) if o.action else None)
+        return cls(_name(_INTERVENTION, i.kind), i.detector_id, i.token_index, i.intervention_id, i.request_id,
+                   _time(i, "create_time"), steering, override, i.metadata.client_id, i.snapshot_version)
 
 
 @dataclass(frozen=True)
 class Summary:
     request_id: str
-    finish_reason: str
+    finish_reason: str  # stop | length | blocked
     text: str
     scores: dict[str, float]
     flagged: dict[str, bool]
     alerts: list[Alert]
     prompt_tokens: int
     completion_tokens: int
+    snapshot_version: str = ""
 
 
 Event = Token | Alert | Intervention | Summary
@@ -94,9 +201,38 @@ class Detector:
     version: str
     hook_point: str
     threshold: float
-    action: str
+    action: str  # alert | steer | block
     description: str
     metrics: dict[str, float]
+    kind: str = "unspecified"  # linear_probe | mlp_probe | sae_feature
+
+    @classmethod
+    def from_proto(cls, d: pb.Detector) -> Detector:
+        return cls(d.id, d.version, d.hook_point, d.threshold, _name(_ACTION, d.action), d.description,
+                   dict(d.metrics), _name(_DETECTOR_KIND, d.kind))
+
+
+class DetectorList(list[Detector]):
+    """What `list_detectors()` and `reload_detectors()` return: the detectors, plus the
+    `snapshot_version` of the snapshot they belong to."""
+
+    def __init__(self, detectors=(), *, snapshot_version: str = ""):
+        super().__init__(detectors)
+        self.snapshot_version = snapshot_version
+
+
+@dataclass(frozen=True)
+class ServerInfo:
+    model_id: str
+    model_fingerprint: str
+    device: str
+    dtype: str
+    snapshot_version: str
+    detectors: list[Detector]
+    server_version: str
+
+
+# ------------------------------------------------------------------------------ requests
 
 
 def _messages(messages) -> list[pb.ChatMessage]:
@@ -106,6 +242,53 @@ def _messages(messages) -> list[pb.ChatMessage]:
 
 def _metadata(client_id: str, conversation_id: str, tags: dict | None) -> pb.RequestMetadata:
     return pb.RequestMetadata(client_id=client_id, conversation_id=conversation_id, tags=tags or {})
+
+
+def _check_keys(where: str, d, allowed: tuple[str, ...]) -> None:
+    if not isinstance(d, Mapping):
+        raise ValueError(f"{where}: expected a dict, got {type(d).__name__}")
+    for key in d:
+        if key not in allowed:
+            raise ValueError(f"{where}: unknown key {key!r}, expected some of {', '.join(allowed)}")
+
+
+_OVERRIDE_KEYS = ("detector_id", "threshold", "action")
+_STEERING_KEYS = ("vector_id", "vector", "hook_point", "kind", "coefficient", "positions", "trigger_detector_id")
+
+
+def _override(i: int, o) -> pb.DetectorPolicy:
+    """{"detector_id": ..., "threshold": 0.3, "action": "block"}; threshold and action optional."""
+    if isinstance(o, pb.DetectorPolicy):
+        return o
+    where = f"policy_overrides[{i}]"
+    _check_keys(where, o, _OVERRIDE_KEYS)
+    if "detector_id" not in o:
+        raise ValueError(f"{where}: missing key 'detector_id'")
+    msg = pb.DetectorPolicy(detector_id=o["detector_id"])
+    if o.get("threshold") is not None:
+        msg.threshold = o["threshold"]
+    if o.get("action") is not None:
+        msg.action = _number(f"{where}.action", enums.ACTION, o["action"])
+    return msg
+
+
+def _steering(i: int, s) -> pb.SteeringRequest:
+    """{"vector": [...] or "vector_id": ..., "hook_point": ..., "kind": "add" | "ablate",
+    "coefficient": ..., "positions": "prompt" | "generated" | "all", "trigger_detector_id": ...}."""
+    if isinstance(s, pb.SteeringRequest):
+        return s
+    where = f"steering[{i}]"
+    _check_keys(where, s, _STEERING_KEYS)
+    msg = pb.SteeringRequest(vector_id=s.get("vector_id") or "", hook_point=s.get("hook_point") or "",
+                             coefficient=float(s.get("coefficient") or 0.0),
+                             trigger_detector_id=s.get("trigger_detector_id") or "")
+    if s.get("vector") is not None:
+        msg.vector.extend(float(v) for v in s["vector"])
+    if s.get("kind") is not None:
+        msg.kind = _number(f"{where}.kind", enums.STEERING_KIND, s["kind"])
+    if s.get("positions") is not None:
+        msg.positions = _number(f"{where}.positions", _POSITIONS_IN, s["positions"])
+    return msg
 
 
 def score_request(inputs: Sequence, detectors=(), include_token_scores=False, client_id="", conversation_id="",
@@ -120,48 +303,28 @@ def score_request(inputs: Sequence, detectors=(), include_token_scores=False, cl
 
 def generate_request(messages_or_prompt, *, max_new_tokens=0, temperature=None, top_p=None, top_k=None, seed=None,
                      stop=(), detectors=(), include_token_scores=False, client_id="", conversation_id="",
-                     tags=None) -> pb.GenerateRequest:
-    """A string is a raw prompt; a list of {"role", "content"} dicts is a chat."""
+                     tags=None, policy_overrides=(), steering=()) -> pb.GenerateRequest:
+    """A string is a raw prompt; a list of {"role", "content"} dicts is a chat.
+
+    `policy_overrides`: dicts {"detector_id", "threshold", "action"} (action a domain name).
+    `steering`: dicts with the keys of `SteeringRequest` (kind and positions as domain names).
+    Both need permissions for `client_id` in the server's config. An unknown key or enum name
+    raises ValueError naming it, before anything is sent.
+    """
     sampling = pb.SamplingParams(stop_sequences=list(stop))
     for name, v in (("temperature", temperature), ("top_p", top_p), ("top_k", top_k), ("seed", seed)):
         if v is not None:
             setattr(sampling, name, v)
     req = pb.GenerateRequest(max_new_tokens=max_new_tokens, sampling=sampling, detectors=list(detectors),
                              include_token_scores=include_token_scores,
-                             metadata=_metadata(client_id, conversation_id, tags))
+                             metadata=_metadata(client_id, conversation_id, tags),
+                             policy_overrides=[_override(i, o) for i, o in enumerate(policy_overrides)],
+                             steering=[_steering(i, s) for i, s in enumerate(steering)])
     if isinstance(messages_or_prompt, str):
         req.prompt = messages_or_prompt
     else:
         req.messages.extend(_messages(messages_or_prompt))
     return req
-
-
-def _score_results(resp: pb.ScoreResponse) -> list[ScoreResult]:
-    return [ScoreResult({d.detector_id: d.score for d in r.detectors}, {d.detector_id: d.flagged for d in r.detectors},
-                        r.token_count, list(r.tokens),
-                        {d.detector_id: list(d.token_scores) for d in r.detectors if d.token_scores})
-            for r in resp.results]
-
-
-def _event(msg: pb.GenerateResponse) -> Event:
-    which = msg.WhichOneof("event")
-    if which == "token":
-        t = msg.token
-        return Token(t.index, t.token_id, t.text, dict(t.scores))
-    if which == "alert":
-        return Alert.from_proto(msg.alert)
-    if which == "intervention":
-        i = msg.intervention
-        return Intervention("block" if i.kind == pb.INTERVENTION_KIND_BLOCK else "steer", i.detector_id, i.token_index)
-    s = msg.summary
-    return Summary(s.request_id, _FINISH.get(s.finish_reason, "unspecified"), s.text,
-                   {d.detector_id: d.score for d in s.scores}, {d.detector_id: d.flagged for d in s.scores},
-                   [Alert.from_proto(a) for a in s.alerts], s.usage.prompt_tokens, s.usage.completion_tokens)
-
-
-def _detectors(resp) -> list[Detector]:
-    return [Detector(d.id, d.version, d.hook_point, d.threshold, _ACTION.get(d.action, "alert"), d.description,
-                     dict(d.metrics)) for d in resp.detectors]
 
 
 def _alerts_request(detector_id="", request_id="", client_id="", page_size=0, page_token="", since=None, until=None):
@@ -174,8 +337,53 @@ def _alerts_request(detector_id="", request_id="", client_id="", page_size=0, pa
     return req
 
 
+# ------------------------------------------------------------------------------ responses
+
+
+def _score_results(resp: pb.ScoreResponse) -> ScoreResults:
+    return ScoreResults(
+        (ScoreResult({d.detector_id: d.score for d in r.detectors}, {d.detector_id: d.flagged for d in r.detectors},
+                     r.token_count, list(r.tokens),
+                     {d.detector_id: list(d.token_scores) for d in r.detectors if d.token_scores})
+         for r in resp.results),
+        request_id=resp.request_id, snapshot_version=resp.snapshot_version)
+
+
+def _event(msg: pb.GenerateResponse) -> Event:
+    which = msg.WhichOneof("event")
+    if which == "token":
+        t = msg.token
+        return Token(t.index, t.token_id, t.text, dict(t.scores))
+    if which == "alert":
+        return Alert.from_proto(msg.alert)
+    if which == "intervention":
+        return Intervention.from_proto(msg.intervention)
+    s = msg.summary
+    return Summary(s.request_id, _name(_FINISH, s.finish_reason), s.text,
+                   {d.detector_id: d.score for d in s.scores}, {d.detector_id: d.flagged for d in s.scores},
+                   [Alert.from_proto(a) for a in s.alerts], s.usage.prompt_tokens, s.usage.completion_tokens,
+                   s.snapshot_version)
+
+
+def _detectors(resp) -> DetectorList:
+    return DetectorList((Detector.from_proto(d) for d in resp.detectors), snapshot_version=resp.snapshot_version)
+
+
+def _server_info(resp: pb.GetServerInfoResponse) -> ServerInfo:
+    return ServerInfo(resp.model_id, resp.model_fingerprint, resp.device, resp.dtype, resp.snapshot_version,
+                      [Detector.from_proto(d) for d in resp.detectors], resp.server_version)
+
+
+def _last_summary(events) -> Summary:
+    return [e for e in events if isinstance(e, Summary)][-1]
+
+
+# ------------------------------------------------------------------------------ clients
+
+
 class Client:
-    """Blocking client. Errors surface as `grpc.RpcError` with the server's status and message."""
+    """Blocking client. Errors surface as `grpc.RpcError` with the server's status and message;
+    malformed `policy_overrides` / `steering` arguments as ValueError before any call."""
 
     def __init__(self, target: str = "127.0.0.1:50051", *, timeout: float | None = 60.0, channel=None):
         self.channel = channel or grpc.insecure_channel(target)
@@ -191,12 +399,17 @@ class Client:
     def close(self) -> None:
         self.channel.close()
 
-    def score(self, inputs: Sequence, **kw) -> list[ScoreResult]:
+    def score(self, inputs: Sequence, **kw) -> ScoreResults:
+        """One `ScoreResult` per input; the list also has `.request_id` and `.snapshot_version`."""
         return _score_results(self.stub.Score(score_request(inputs, **kw), timeout=self.timeout))
 
     def generate(self, messages_or_prompt, **kw) -> Iterator[Event]:
-        """Stream events; the last one is a `Summary`. Breaking out of the loop cancels the RPC."""
-        call = self.stub.Generate(generate_request(messages_or_prompt, **kw), timeout=self.timeout)
+        """Stream events; the last one is a `Summary`. Breaking out of the loop cancels the RPC.
+        Keyword arguments are those of `generate_request`; a bad one raises here, at the call."""
+        return self._stream(generate_request(messages_or_prompt, **kw))
+
+    def _stream(self, req: pb.GenerateRequest) -> Iterator[Event]:
+        call = self.stub.Generate(req, timeout=self.timeout)
         try:
             for msg in call:
                 yield _event(msg)
@@ -204,21 +417,26 @@ class Client:
             call.cancel()
 
     def generate_text(self, messages_or_prompt, **kw) -> Summary:
-        return [e for e in self.generate(messages_or_prompt, **kw) if isinstance(e, Summary)][-1]
+        return _last_summary(self.generate(messages_or_prompt, **kw))
 
-    def list_detectors(self) -> list[Detector]:
+    def list_detectors(self) -> DetectorList:
+        """The loaded detectors; `.snapshot_version` is the snapshot now admitting requests."""
         return _detectors(self.stub.ListDetectors(pb.ListDetectorsRequest(), timeout=self.timeout))
 
-    def reload_detectors(self) -> list[Detector]:
+    def reload_detectors(self) -> DetectorList:
+        """The detectors after the reload; `.snapshot_version` is the new snapshot's version."""
         return _detectors(self.stub.ReloadDetectors(pb.ReloadDetectorsRequest(), timeout=self.timeout))
 
     def get_alerts(self, **kw) -> tuple[list[Alert], str]:
         resp = self.stub.GetAlerts(_alerts_request(**kw), timeout=self.timeout)
         return [Alert.from_proto(a) for a in resp.alerts], resp.next_page_token
 
+    def get_server_info(self) -> ServerInfo:
+        return _server_info(self.stub.GetServerInfo(pb.GetServerInfoRequest(), timeout=self.timeout))
+
 
 class AsyncClient:
-    """grpc.aio client with the same methods, awaitable."""
+    """grpc.aio client with the same methods, awaitable (`generate` is an async iterator)."""
 
     def __init__(self, target: str = "127.0.0.1:50051", *, timeout: float | None = 60.0, channel=None):
         self.channel = channel or grpc.aio.insecure_channel(target)
@@ -234,26 +452,36 @@ class AsyncClient:
     async def close(self) -> None:
         await self.channel.close()
 
-    async def score(self, inputs: Sequence, **kw) -> list[ScoreResult]:
+    async def score(self, inputs: Sequence, **kw) -> ScoreResults:
         return _score_results(await self.stub.Score(score_request(inputs, **kw), timeout=self.timeout))
 
-    async def generate(self, messages_or_prompt, **kw) -> AsyncIterator[Event]:
-        call = self.stub.Generate(generate_request(messages_or_prompt, **kw), timeout=self.timeout)
+    def generate(self, messages_or_prompt, **kw) -> AsyncIterator[Event]:
+        """`async for` the events; the last one is a `Summary`."""
+        return self._stream(generate_request(messages_or_prompt, **kw))
+
+    async def _stream(self, req: pb.GenerateRequest) -> AsyncIterator[Event]:
+        call = self.stub.Generate(req, timeout=self.timeout)
         try:
             async for msg in call:
                 yield _event(msg)
         finally:
             call.cancel()
 
-    async def list_detectors(self) -> list[Detector]:
+    async def generate_text(self, messages_or_prompt, **kw) -> Summary:
+        return _last_summary([e async for e in self.generate(messages_or_prompt, **kw)])
+
+    async def list_detectors(self) -> DetectorList:
         return _detectors(await self.stub.ListDetectors(pb.ListDetectorsRequest(), timeout=self.timeout))
 
-    async def reload_detectors(self) -> list[Detector]:
+    async def reload_detectors(self) -> DetectorList:
         return _detectors(await self.stub.ReloadDetectors(pb.ReloadDetectorsRequest(), timeout=self.timeout))
 
     async def get_alerts(self, **kw) -> tuple[list[Alert], str]:
         resp = await self.stub.GetAlerts(_alerts_request(**kw), timeout=self.timeout)
         return [Alert.from_proto(a) for a in resp.alerts], resp.next_page_token
+
+    async def get_server_info(self) -> ServerInfo:
+        return _server_info(await self.stub.GetServerInfo(pb.GetServerInfoRequest(), timeout=self.timeout))
 
 
 def to_dict(msg) -> dict:

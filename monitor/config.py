@@ -18,6 +18,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from monitor.domain import ActionName, TextPolicy
+
 DEFAULT_DATA_DIR = Path("data")
 
 
@@ -36,9 +38,32 @@ class DetectorPolicyConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    action: Literal["alert", "block", "steer"] = "alert"
+    action: ActionName = "alert"
     threshold: float | None = Field(None, ge=0, le=1, description="Override the pack's calibrated threshold.")
-    steer_coefficient: float = Field(1.0, ge=0, le=1, description="1 = full ablation of the direction.")
+    steer_coefficient: float = Field(
+        1.0, ge=0, le=1, description="Share of the direction's projection removed: 0 = none, 1 = all of it."
+    )
+
+
+class ClientPermissions(BaseModel):
+    """What a client may change about its own monitoring. Everything is off unless granted."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    policy_overrides: bool = Field(
+        False, description="May send policy_overrides that tighten monitoring (lower thresholds, stronger actions)."
+    )
+    weaken_monitoring: bool = Field(
+        False,
+        description="Overrides may also weaken monitoring below the server policy (higher thresholds, milder "
+        "actions). Needs policy_overrides.",
+    )
+    steering: bool = Field(False, description="May send steering vectors with Generate.")
+    steer_detector_directions: bool = Field(
+        False,
+        description="Steering may have a large component along a loaded detector's direction at or before its "
+        "hook point (which can blind that detector). Needs steering.",
+    )
 
 
 class Settings(BaseSettings):
@@ -61,8 +86,25 @@ class Settings(BaseSettings):
         description="Probe pack folders; unset = the shipped packs that are on by default, plus shipped packs "
         "named under `detectors`. [] = no detectors.",
     )
+    extra_packs: list[Path] = Field(
+        default_factory=list,
+        description="Pack folders loaded in addition to `packs` (or to the shipped defaults when `packs` is unset).",
+    )
     detectors: dict[str, DetectorPolicyConfig] = Field(
         default_factory=dict, description="Per-detector policy by detector id; detectors not listed only alert."
+    )
+    permissions: dict[str, ClientPermissions] = Field(
+        default_factory=dict,
+        description="What each client id may change about its own monitoring; key '*' applies to every client. "
+        "Unlisted clients may not override policy or steer.",
+    )
+    steering_max_detector_cosine: float = Field(
+        0.2,
+        gt=0,
+        le=1,
+        description="Client steering whose |cosine| with a loaded detector's direction reaches this, at or before "
+        "that detector's hook point, is refused unless steer_detector_directions is granted. Random directions "
+        "in a 576-d residual stream have |cosine| ~0.04.",
     )
     # --- network
     host: str = Field(
@@ -85,7 +127,7 @@ class Settings(BaseSettings):
         f"sqlite:///{DEFAULT_DATA_DIR / 'latentwatch.db'}",
         description="SQLAlchemy URL: sqlite:///path.db (WAL) or postgresql://user:pw@host/db.",
     )
-    text_policy: Literal["always", "alerts_only", "never"] = Field(
+    text_policy: TextPolicy = Field(
         "alerts_only", description="Which prompt/completion texts are stored (hash always)."
     )
     # --- scheduling and limits

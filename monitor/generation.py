@@ -5,6 +5,7 @@ the KV cache (the prefix is never re-run). Each `step()` returns a `TokenEvent` 
 with that token's per-detector probabilities and the running aggregate. Between steps the caller
 may stop a row or switch steering on for it. Finished rows leave the batch (cache, bank state and
 steering plan are pruned together). One host transfer per step carries tokens and scores.
+Text that could still begin a stop string is held back until it is ruled out or completes one.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ class Sampling:
             "temperature": math.isfinite(self.temperature) and self.temperature >= 0,
             "top_p": 0 < self.top_p <= 1,
             "top_k": self.top_k >= 0,
+            "stop": all(self.stop),  # an empty stop string would end every request at once
         }
         for name, ok in checks.items():
             if not ok:
@@ -50,7 +52,7 @@ class TokenEvent:
     row: int  # index of the request in the order given to Generation
     index: int  # 0-based position among generated tokens
     token_id: int
-    text: str  # newly decodable text (may be "" mid multi-byte character)
+    text: str  # newly released text ("" mid multi-byte character or while it may begin a stop string)
     token_probs: np.ndarray  # [detectors]
     aggregate: np.ndarray  # [detectors], running aggregate over prompt and generated tokens
     finish_reason: str | None = None  # "stop", "length" or None while running
@@ -61,8 +63,8 @@ class _Row:
     request: int
     sampling: Sampling
     generator: torch.Generator | None
+    stops: _HoldBack
     ids: list[int] = field(default_factory=list)
-    text: str = ""
     prefix_offset: int = 0
     read_offset: int = 0
 
@@ -77,7 +79,7 @@ class Generation:
         steering: list[list[Steering]] | None = None,
         *,
         first_request: int = 0,
-        handles: dict | None = None,
+        hooked: set | None = None,
     ):
         if len(prompts) != len(sampling):
             raise ValueError("one Sampling per prompt")
@@ -89,7 +91,7 @@ class Generation:
             if s.temperature > 0:
                 gen = torch.Generator(device=dev)
                 gen.manual_seed(s.seed if s.seed is not None else int(torch.randint(0, 2**62, ()).item()))
-            self.rows.append(_Row(first_request + i, s, gen))
+            self.rows.append(_Row(first_request + i, s, gen, _HoldBack(s.stop)))
         self.requests = first_request + len(prompts)  # request ids handed out so far
         self.sampling = SamplingTensors(sampling, dev)
         self.plan = SteeringPlan(len(prompts), dev, runner.dtype)
@@ -104,9 +106,9 @@ class Generation:
         self.mask = self.batch["attention_mask"]
         self.next_tokens: torch.Tensor | None = None
         self.eos = _eos_ids(runner)
-        # A batch joined into a running one shares its hooks; only the owner removes them.
-        self._owns_handles = handles is None
-        self._handles: dict = {} if handles is None else handles
+        # A batch joined into a running one shares its hook points; only the owner releases them.
+        self._owns_hooks = hooked is None
+        self._hooked: set = set() if hooked is None else hooked
         self._attach(bank.hook_points if self.state else [])
         self._attach(self.plan.hook_points)
 
@@ -148,7 +150,7 @@ class Generation:
         if not self.can_join:
             raise RuntimeError("this model's KV cache cannot take new rows mid-decode")
         newcomer = Generation(self.runner, prompts, sampling, self.bank, steering,
-                              first_request=self.requests, handles=self._handles)
+                              first_request=self.requests, hooked=self._hooked)
         self.requests = newcomer.requests
         events = newcomer.step()
         if not newcomer.done:
@@ -176,10 +178,9 @@ class Generation:
         self.rows += other.rows
 
     def close(self) -> None:
-        if self._owns_handles:
-            for h in self._handles.values():
-                h.remove()
-            self._handles.clear()
+        if self._owns_hooks:
+            self.runner.release(self._hooked)
+            self._hooked.clear()
         self.rows = []
 
     # ------------------------------------------------------------------------------ stepping
@@ -232,15 +233,17 @@ class Generation:
         for i, row in enumerate(self.rows):
             tok = int(host[i, 0])
             row.ids.append(tok)
-            piece = "" if tok in self.eos else self._decode(row)
-            row.text += piece
+            eos = tok in self.eos
+            text, hit = row.stops.feed("" if eos else self._decode(row))
             reason = None
-            if tok in self.eos or _hits_stop(row.text, len(piece), row.sampling.stop):
+            if eos or hit:
                 reason = "stop"
             elif len(row.ids) >= row.sampling.max_new_tokens:
                 reason = "length"
+            if reason and not hit:
+                text += row.stops.held  # no stop string can complete any more
             events.append(
-                TokenEvent(row.request, len(row.ids) - 1, tok, piece, host[i, 1 : 1 + p], host[i, 1 + p :], reason)
+                TokenEvent(row.request, len(row.ids) - 1, tok, text, host[i, 1 : 1 + p], host[i, 1 + p :], reason)
             )
             if reason is None:
                 keep.append(i)
@@ -280,15 +283,55 @@ class Generation:
         raise KeyError(f"request {request} is not running")
 
     def _attach(self, points) -> None:
-        for point in points:
-            if point not in self._handles:
-                self._handles[point] = self.runner.hooks.attach(point, self.runner._hook(point))
+        new = set(points) - self._hooked
+        self.runner.acquire(new)
+        self._hooked |= new
 
 
-def _hits_stop(text: str, added: int, stops: tuple[str, ...]) -> bool:
-    """Whether a stop sequence ends in the newly added characters (only the tail is searched, so
-    the check stays O(1) per token however long the completion grows)."""
-    return added > 0 and any(s in text[max(0, len(text) - added - len(s) + 1) :] for s in stops)
+class _HoldBack:
+    """Withholds decoded text while it could still be the start of a stop string.
+
+    A KMP automaton per stop string tracks the longest suffix of the output that begins it, so a
+    token costs O(its characters) per stop string however long the completion grows, and the held
+    text is never longer than the longest stop string.
+    """
+
+    def __init__(self, stops: tuple[str, ...]):
+        self.stops = stops
+        self.borders = [_borders(s) for s in stops]
+        self.matched = [0] * len(stops)
+        self.held = ""
+
+    def feed(self, piece: str) -> tuple[str, bool]:
+        """Take a decoded piece; return the text that can no longer begin a stop string, and whether
+        one completed (the text then ends right before it; it and anything after are dropped)."""
+        text = self.held + piece
+        for end, ch in enumerate(piece, len(self.held) + 1):
+            hit = 0
+            for j, s in enumerate(self.stops):
+                m = self.matched[j]
+                while m and s[m] != ch:
+                    m = self.borders[j][m - 1]
+                m = self.matched[j] = m + (s[m] == ch)
+                if m == len(s):
+                    hit = max(hit, m)  # of stops ending here, the longest starts first
+            if hit:
+                return text[: end - hit], True
+        keep = max(self.matched, default=0)
+        self.held = text[len(text) - keep :]
+        return text[: len(text) - keep], False
+
+
+def _borders(s: str) -> list[int]:
+    """KMP failure table: b[i] is the length of the longest proper prefix of s[: i + 1] that is
+    also its suffix."""
+    b, k = [0] * len(s), 0
+    for i in range(1, len(s)):
+        while k and s[i] != s[k]:
+            k = b[k - 1]
+        k += s[i] == s[k]
+        b[i] = k
+    return b
 
 
 def _eos_ids(runner: ModelRunner) -> set[int]:

@@ -14,44 +14,13 @@ Sites, for decoder block ``i``:
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-SITES = ("resid_pre", "attn_out", "mlp_out", "resid_post")
-_NAME = re.compile(r"^blocks\.(\d+)\.([a-z_]+)$")
-
-
-class HookPointError(ValueError):
-    """A hook point name that does not exist on this model."""
-
-
-@dataclass(frozen=True, order=True)
-class HookPoint:
-    """A parsed hook point; orders by depth (layer, then site order within the block)."""
-
-    layer: int
-    site_rank: int
-
-    @property
-    def site(self) -> str:
-        return SITES[self.site_rank]
-
-    @classmethod
-    def parse(cls, name: str) -> HookPoint:
-        m = _NAME.match(name.strip()) if isinstance(name, str) else None
-        if not m or m.group(2) not in SITES:
-            raise HookPointError(
-                f"unknown hook point {name!r}: expected 'blocks.<layer>.<site>' with site one of "
-                f"{', '.join(SITES)} (e.g. 'blocks.14.resid_post')"
-            )
-        return cls(int(m.group(1)), SITES.index(m.group(2)))
-
-    def __str__(self) -> str:
-        return f"blocks.{self.layer}.{self.site}"
+from monitor.domain import HookPoint, HookPointError
 
 
 @dataclass(frozen=True)

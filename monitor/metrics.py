@@ -26,31 +26,19 @@ from prometheus_client import (
 )
 from prometheus_client import start_http_server as _start_http_server
 
+from monitor.domain import ACTIONS, INTERVENTION_KINDS, OUTCOMES
+
 PREFIX = "latentwatch_"
 OTHER = "other"
 # Detector label for interventions not triggered by a detector (steering
 # requested to run from the start).
 NO_DETECTOR = "none"
 
-REQUEST_KINDS = ("generate", "score", "list_detectors", "get_alerts", "reload_detectors")
-# "blocked": a generation a detector policy stopped (the RPC itself succeeds).
-# The others are gRPC status codes in lower case.
-OUTCOMES = (
-    "ok",
-    "blocked",
-    "cancelled",
-    "invalid_argument",
-    "permission_denied",
-    "resource_exhausted",
-    "deadline_exceeded",
-    "unavailable",
-    "internal",
-)
+RPC_KINDS = ("generate", "score", "list_detectors", "get_alerts", "reload_detectors", "get_server_info")
 TOKEN_KINDS = ("prompt", "completion")
 BATCH_KINDS = ("generate", "score")
 FORWARD_KINDS = ("prefill", "decode", "score")
-ALERT_ACTIONS = ("alert", "block", "steer")
-INTERVENTION_KINDS = ("block", "steer")
+ALERT_ACTIONS = tuple(ACTIONS)
 
 # Calibrated scores are in [0, 1]: 0.05, 0.10, ..., 1.0 (+Inf is implicit).
 SCORE_BUCKETS = tuple(round(0.05 * i, 2) for i in range(1, 21))
@@ -98,6 +86,7 @@ class Metrics:
     - ``storage_write_failures``: ``latentwatch_storage_write_failures_total``
     - ``forward_passes``: ``latentwatch_forward_passes_total``; kind
       (prefill/decode/score)
+    - ``snapshot``: ``latentwatch_detector_snapshot_info`` gauge (1); version
     """
 
     def __init__(self, detectors: Iterable[str] = ()) -> None:
@@ -195,9 +184,16 @@ class Metrics:
             ["kind"],
             registry=r,
         )
+        self.snapshot = Gauge(
+            PREFIX + "detector_snapshot_info",
+            "1 for the detector snapshot now admitting requests, by version.",
+            ["version"],
+            registry=r,
+        )
+        self._snapshot_version: str | None = None
 
         # Create the fixed-label series up front so they read 0, not absent.
-        for kind in REQUEST_KINDS:
+        for kind in RPC_KINDS:
             self.request_duration.labels(kind)
             for outcome in ("ok", "internal"):
                 self.requests.labels(kind, outcome)
@@ -237,6 +233,13 @@ class Metrics:
             for action in ALERT_ACTIONS:
                 self.alerts.labels(det, action)
 
+    def set_snapshot(self, version: str) -> None:
+        """Expose the snapshot now admitting requests; the previous one's series goes."""
+        if self._snapshot_version is not None and self._snapshot_version != version:
+            self._remove(self.snapshot, self._snapshot_version)
+        self._snapshot_version = version
+        self.snapshot.labels(version).set(1)
+
     @staticmethod
     def _remove(metric, *labels: str) -> None:
         try:
@@ -252,7 +255,7 @@ class Metrics:
 
     def observe_request(self, kind: str, outcome: str, duration_s: float | None = None) -> None:
         """Count a finished RPC and, if given, its end-to-end latency."""
-        kind = _pick(kind, REQUEST_KINDS)
+        kind = _pick(kind, RPC_KINDS)
         self.requests.labels(kind, _pick(outcome, OUTCOMES)).inc()
         if duration_s is not None:
             self.request_duration.labels(kind).observe(duration_s)

@@ -21,7 +21,8 @@ import torch
 from tqdm.auto import tqdm
 
 from monitor.bank import BankState, DetectorBank
-from monitor.hooks import HookMap, HookPoint
+from monitor.domain import HookPoint
+from monitor.hooks import HookMap
 from monitor.steering import Phase, SteeringPlan
 
 DEFAULT_MODEL = "smollm2"
@@ -114,6 +115,7 @@ class ModelRunner:
         pad = tokenizer.pad_token_id
         self.pad_id = pad if pad is not None else (tokenizer.eos_token_id or 0)
         self.hook_pass = HookPass()
+        self._attached: dict[HookPoint, list] = {}  # point -> [handle, users]
         self._fingerprint = None
         self.monitor_seconds = 0.0  # host time spent in hooks and bank updates, for the overhead metric
 
@@ -236,8 +238,8 @@ class ModelRunner:
                 out = ctx.plan.apply(point, h, ctx.phase)
                 if out is not None:
                     h = out
-            if ctx.bank_state is not None and point in ctx.bank_state.bank.groups:
-                ctx.bank_state.record(ctx.bank_state.bank.groups[point], h)
+            if ctx.bank_state is not None:
+                ctx.bank_state.record(point, h)
             if point in ctx.capture:
                 ctx.capture[point](h)
             self.monitor_seconds += time.perf_counter() - started
@@ -247,15 +249,33 @@ class ModelRunner:
 
         return fn
 
+    def acquire(self, points: Iterable[HookPoint]) -> None:
+        """Make sure the shared hook runs at these points. Hooks are counted, never stacked: a
+        Score served between decode steps reuses the generation's hooks instead of adding its own
+        (two hooks at one point would score every detector there twice)."""
+        for p in set(points):
+            entry = self._attached.get(p)
+            if entry is None:
+                entry = self._attached[p] = [self.hooks.attach(p, self._hook(p)), 0]
+            entry[1] += 1
+
+    def release(self, points: Iterable[HookPoint]) -> None:
+        for p in set(points):
+            entry = self._attached[p]
+            entry[1] -= 1
+            if entry[1] == 0:
+                entry[0].remove()
+                del self._attached[p]
+
     @contextlib.contextmanager
     def attached(self, points: Iterable[HookPoint]):
-        """Attach the shared hook function at these points for the duration of a block."""
-        handles = [self.hooks.attach(p, self._hook(p)) for p in sorted(set(points))]
+        """The shared hook at these points for the duration of a block."""
+        points = set(points)
+        self.acquire(points)
         try:
             yield
         finally:
-            for h in handles:
-                h.remove()
+            self.release(points)
             self.hook_pass = HookPass()
 
     def forward(self, batch: dict, *, cache=None, logits: bool = True):

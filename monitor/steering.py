@@ -3,7 +3,7 @@
 Two kinds, per batch row and per position class:
 
 * ``add``    - h += coefficient * v / |v|    (a zero vector is a no-op, bit for bit)
-* ``ablate`` - h -= (h . u) u  with u = v / |v|   (removes the component along v)
+* ``ablate`` - h -= coefficient * (h . u) u  with u = v / |v|   (1 removes the component along v)
 
 A `SteeringPlan` holds what each row asked for. Between generation steps rows can switch
 steering on or off; the fused per-hook tensors are rebuilt only when the plan changes.
@@ -11,12 +11,13 @@ steering on or off; the fused per-hook tensors are rebuilt only when the plan ch
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 
-from monitor.hooks import HookPoint
+from monitor.domain import HookPoint
 
 Positions = Literal["prompt", "generated", "all"]
 Phase = Literal["prompt", "generated"]
@@ -36,6 +37,11 @@ class Steering:
             raise ValueError(f"steering kind must be 'add' or 'ablate', got {self.kind!r}")
         if self.positions not in ("prompt", "generated", "all"):
             raise ValueError(f"steering positions must be prompt, generated or all, got {self.positions!r}")
+        if not math.isfinite(self.coefficient):
+            raise ValueError(f"steering coefficient must be finite, got {self.coefficient!r}")
+        if self.kind == "ablate" and not 0 <= self.coefficient <= 1:
+            raise ValueError(f"ablation coefficient must be in [0, 1] (the share of the projection removed),"
+                             f" got {self.coefficient!r}")
         v = self.vector
         if v.ndim != 1 or not torch.isfinite(v).all():
             raise ValueError(f"steering vector {self.id!r} must be a finite 1-D tensor")
@@ -90,14 +96,14 @@ class SteeringPlan:
                     if s.hook_point == point and s.applies(phase):
                         (add if s.kind == "add" else ablate).append((r, s))
             fused = []
-            for items, weight in ((add, lambda s: s.coefficient), (ablate, lambda s: 1.0)):
+            for items in (add, ablate):
                 if not items:
                     fused.append(None)
                     continue
                 vectors = torch.stack([s.unit for _, s in items])  # [k, d]
                 coeff = torch.zeros(len(self.rows), len(items))
                 for j, (r, s) in enumerate(items):
-                    coeff[r, j] = weight(s)
+                    coeff[r, j] = s.coefficient
                 fused.append((coeff.to(self.device, self.dtype), vectors.to(self.device, self.dtype)))
             self._fused[key] = tuple(fused)
         return self._fused[key]

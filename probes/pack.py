@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from safetensors import SafetensorError
@@ -26,6 +27,9 @@ MANIFEST = "manifest.json"
 WEIGHTS = "weights.safetensors"
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".pkl", ".pickle")
 HOOK_POINT = r"^blocks\.(\d+)\.(resid_pre|resid_post|attn_out|mlp_out)$"
+# The load-time health check scores every head on seeded Gaussian activations at about the norm of
+# a small model's residual stream (SmolLM2's pooled activations: ~150), plus the zero vector.
+CHECK_INPUTS, CHECK_NORM, CHECK_SEED = 64, 100.0, 0
 
 
 class PackError(ValueError):
@@ -128,6 +132,7 @@ class ProbePack:
         folder = Path(folder)
         tensors = self.probe.tensors()
         _check_finite(folder, tensors)
+        _check_head(folder, self.probe)
         folder.mkdir(parents=True, exist_ok=True)
         save_file(tensors, folder / WEIGHTS)
         self.manifest = self.manifest.model_copy(
@@ -178,13 +183,14 @@ class ProbePack:
             probe = kind.from_tensors(config, tensors)
         except ValueError as e:
             raise PackError(folder, f"wrong shape: {e}", "re-export the pack") from None
-        d_weights = probe.head().w1.shape[0]
+        d_weights = _folded_head(probe).w1.shape[0]
         if d_weights != manifest.d_model:
             raise PackError(
                 folder,
                 f"wrong shape: weights have d_model {d_weights}, manifest says {manifest.d_model}",
                 "re-export the pack",
             )
+        _check_head(folder, probe)
         if expect is not None and (why := manifest.model.mismatch(expect)):
             raise PackError(
                 folder,
@@ -309,6 +315,51 @@ def _check_finite(folder: Path, tensors: dict[str, torch.Tensor]) -> None:
             )
 
 
+def check_inputs(d_model: int) -> torch.Tensor:
+    """The fixed float32 batch every head is scored on before it is trusted: [CHECK_INPUTS + 1, d_model]."""
+    gen = torch.Generator().manual_seed(CHECK_SEED)
+    x = torch.randn(CHECK_INPUTS, d_model, generator=gen) * (CHECK_NORM / d_model**0.5)
+    return torch.cat([x, torch.zeros(1, d_model)])
+
+
+def head_problem(head: ScoringHead) -> str | None:
+    """Why this head would silently disable its detector, or None.
+
+    NaN scores never cross a threshold and a constant score cannot tell inputs apart, so both pass
+    every schema check and still leave the detector unable to flag anything.
+    """
+    parts = {"w1": head.w1, "b1": head.b1, "w2": head.w2, "b2": torch.tensor(head.b2)}
+    overflow = [name for name, t in parts.items() if t is not None and not torch.isfinite(t).all()]
+    if overflow:
+        return (
+            f"its folded scoring weights ({', '.join(overflow)}) overflow float32, e.g. a std of 0 "
+            "or a weight near float32's limit"
+        )
+    with torch.no_grad():
+        logits = head.logits(check_inputs(head.w1.shape[0]))
+    if not torch.isfinite(logits).all():
+        bad = int((~torch.isfinite(logits)).sum())
+        return f"its scoring head gives NaN or inf on {bad} of {len(logits)} check inputs"
+    if logits.max() - logits.min() <= 1e-6 * logits.abs().max():
+        return f"its scoring head gives the same logit ({logits[0].item():.6g}) for every check input"
+    return None
+
+
+def _folded_head(probe: Probe) -> ScoringHead:
+    """The head the bank would get; overflow while folding is for `head_problem` to report."""
+    with np.errstate(divide="ignore", over="ignore", invalid="ignore"):
+        return probe.head()
+
+
+def _check_head(folder: Path, probe: Probe) -> None:
+    if problem := head_problem(_folded_head(probe)):
+        raise PackError(
+            folder,
+            f"{problem}: the detector would be blind, flagging nothing (or everything)",
+            "retrain the probe (check the training data has signal) or fix the exported weights",
+        )
+
+
 def _summarise(error: ValidationError) -> str:
     return "; ".join(
         f"{'.'.join(map(str, e['loc'])) or '<root>'}: {e['msg']}" for e in error.errors()
@@ -322,6 +373,8 @@ __all__ = [
     "ModelFingerprint",
     "PackError",
     "ProbePack",
+    "check_inputs",
+    "head_problem",
     "load_packs",
     "shipped_packs_dir",
 ]

@@ -25,7 +25,7 @@ from sklearn.model_selection import StratifiedGroupKFold
 from tqdm.auto import tqdm
 
 from monitor.bank import Detector, DetectorBank
-from monitor.hooks import HookPoint
+from monitor.domain import HookPoint
 from monitor.runner import ModelRunner, encode_all
 from probes.data import Example, data_sha256
 from probes.evaluate import binary_metrics, threshold_at_fpr

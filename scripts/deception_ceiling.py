@@ -16,7 +16,7 @@ import argparse
 import numpy as np
 from sklearn.metrics import roc_auc_score
 
-from monitor.hooks import HookPoint
+from monitor.domain import HookPoint
 from monitor.runner import ModelRunner, encode_all
 from probes.kinds.logistic import LogisticConfig, LogisticProbe
 from probes.recipes import deception_splits

@@ -41,6 +41,7 @@ class InterventionKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     INTERVENTION_KIND_UNSPECIFIED: _ClassVar[InterventionKind]
     INTERVENTION_KIND_BLOCK: _ClassVar[InterventionKind]
     INTERVENTION_KIND_STEER: _ClassVar[InterventionKind]
+    INTERVENTION_KIND_OVERRIDE: _ClassVar[InterventionKind]
 
 class FinishReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -54,6 +55,7 @@ class DetectorKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     DETECTOR_KIND_UNSPECIFIED: _ClassVar[DetectorKind]
     DETECTOR_KIND_LINEAR_PROBE: _ClassVar[DetectorKind]
     DETECTOR_KIND_SAE_FEATURE: _ClassVar[DetectorKind]
+    DETECTOR_KIND_MLP_PROBE: _ClassVar[DetectorKind]
 ACTION_UNSPECIFIED: Action
 ACTION_ALERT: Action
 ACTION_BLOCK: Action
@@ -71,6 +73,7 @@ REQUEST_KIND_SCORE: RequestKind
 INTERVENTION_KIND_UNSPECIFIED: InterventionKind
 INTERVENTION_KIND_BLOCK: InterventionKind
 INTERVENTION_KIND_STEER: InterventionKind
+INTERVENTION_KIND_OVERRIDE: InterventionKind
 FINISH_REASON_UNSPECIFIED: FinishReason
 FINISH_REASON_STOP: FinishReason
 FINISH_REASON_LENGTH: FinishReason
@@ -78,6 +81,7 @@ FINISH_REASON_BLOCKED: FinishReason
 DETECTOR_KIND_UNSPECIFIED: DetectorKind
 DETECTOR_KIND_LINEAR_PROBE: DetectorKind
 DETECTOR_KIND_SAE_FEATURE: DetectorKind
+DETECTOR_KIND_MLP_PROBE: DetectorKind
 
 class ChatMessage(_message.Message):
     __slots__ = ("role", "content")
@@ -188,7 +192,7 @@ class TokenEvent(_message.Message):
     def __init__(self, index: _Optional[int] = ..., token_id: _Optional[int] = ..., text: _Optional[str] = ..., scores: _Optional[_Mapping[str, float]] = ...) -> None: ...
 
 class Alert(_message.Message):
-    __slots__ = ("alert_id", "create_time", "request_id", "request_kind", "detector_id", "detector_version", "score", "threshold", "action", "token_index", "input_index", "metadata")
+    __slots__ = ("alert_id", "create_time", "request_id", "request_kind", "detector_id", "detector_version", "score", "threshold", "action", "token_index", "input_index", "metadata", "snapshot_version")
     ALERT_ID_FIELD_NUMBER: _ClassVar[int]
     CREATE_TIME_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
@@ -201,6 +205,7 @@ class Alert(_message.Message):
     TOKEN_INDEX_FIELD_NUMBER: _ClassVar[int]
     INPUT_INDEX_FIELD_NUMBER: _ClassVar[int]
     METADATA_FIELD_NUMBER: _ClassVar[int]
+    SNAPSHOT_VERSION_FIELD_NUMBER: _ClassVar[int]
     alert_id: str
     create_time: _timestamp_pb2.Timestamp
     request_id: str
@@ -213,10 +218,11 @@ class Alert(_message.Message):
     token_index: int
     input_index: int
     metadata: RequestMetadata
-    def __init__(self, alert_id: _Optional[str] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., request_id: _Optional[str] = ..., request_kind: _Optional[_Union[RequestKind, str]] = ..., detector_id: _Optional[str] = ..., detector_version: _Optional[str] = ..., score: _Optional[float] = ..., threshold: _Optional[float] = ..., action: _Optional[_Union[Action, str]] = ..., token_index: _Optional[int] = ..., input_index: _Optional[int] = ..., metadata: _Optional[_Union[RequestMetadata, _Mapping]] = ...) -> None: ...
+    snapshot_version: str
+    def __init__(self, alert_id: _Optional[str] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., request_id: _Optional[str] = ..., request_kind: _Optional[_Union[RequestKind, str]] = ..., detector_id: _Optional[str] = ..., detector_version: _Optional[str] = ..., score: _Optional[float] = ..., threshold: _Optional[float] = ..., action: _Optional[_Union[Action, str]] = ..., token_index: _Optional[int] = ..., input_index: _Optional[int] = ..., metadata: _Optional[_Union[RequestMetadata, _Mapping]] = ..., snapshot_version: _Optional[str] = ...) -> None: ...
 
 class Intervention(_message.Message):
-    __slots__ = ("create_time", "request_id", "kind", "detector_id", "token_index", "steering", "metadata")
+    __slots__ = ("create_time", "request_id", "kind", "detector_id", "token_index", "steering", "metadata", "intervention_id", "override", "snapshot_version")
     CREATE_TIME_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
@@ -224,6 +230,9 @@ class Intervention(_message.Message):
     TOKEN_INDEX_FIELD_NUMBER: _ClassVar[int]
     STEERING_FIELD_NUMBER: _ClassVar[int]
     METADATA_FIELD_NUMBER: _ClassVar[int]
+    INTERVENTION_ID_FIELD_NUMBER: _ClassVar[int]
+    OVERRIDE_FIELD_NUMBER: _ClassVar[int]
+    SNAPSHOT_VERSION_FIELD_NUMBER: _ClassVar[int]
     create_time: _timestamp_pb2.Timestamp
     request_id: str
     kind: InterventionKind
@@ -231,7 +240,10 @@ class Intervention(_message.Message):
     token_index: int
     steering: SteeringRequest
     metadata: RequestMetadata
-    def __init__(self, create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., request_id: _Optional[str] = ..., kind: _Optional[_Union[InterventionKind, str]] = ..., detector_id: _Optional[str] = ..., token_index: _Optional[int] = ..., steering: _Optional[_Union[SteeringRequest, _Mapping]] = ..., metadata: _Optional[_Union[RequestMetadata, _Mapping]] = ...) -> None: ...
+    intervention_id: str
+    override: DetectorPolicy
+    snapshot_version: str
+    def __init__(self, create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., request_id: _Optional[str] = ..., kind: _Optional[_Union[InterventionKind, str]] = ..., detector_id: _Optional[str] = ..., token_index: _Optional[int] = ..., steering: _Optional[_Union[SteeringRequest, _Mapping]] = ..., metadata: _Optional[_Union[RequestMetadata, _Mapping]] = ..., intervention_id: _Optional[str] = ..., override: _Optional[_Union[DetectorPolicy, _Mapping]] = ..., snapshot_version: _Optional[str] = ...) -> None: ...
 
 class DetectorResult(_message.Message):
     __slots__ = ("detector_id", "score", "flagged", "token_scores")
@@ -254,20 +266,22 @@ class Usage(_message.Message):
     def __init__(self, prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ...) -> None: ...
 
 class GenerateSummary(_message.Message):
-    __slots__ = ("request_id", "finish_reason", "text", "scores", "alerts", "usage")
+    __slots__ = ("request_id", "finish_reason", "text", "scores", "alerts", "usage", "snapshot_version")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
     SCORES_FIELD_NUMBER: _ClassVar[int]
     ALERTS_FIELD_NUMBER: _ClassVar[int]
     USAGE_FIELD_NUMBER: _ClassVar[int]
+    SNAPSHOT_VERSION_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     finish_reason: FinishReason
     text: str
     scores: _containers.RepeatedCompositeFieldContainer[DetectorResult]
     alerts: _containers.RepeatedCompositeFieldContainer[Alert]
     usage: Usage
-    def __init__(self, request_id: _Optional[str] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., text: _Optional[str] = ..., scores: _Optional[_Iterable[_Union[DetectorResult, _Mapping]]] = ..., alerts: _Optional[_Iterable[_Union[Alert, _Mapping]]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ...) -> None: ...
+    snapshot_version: str
+    def __init__(self, request_id: _Optional[str] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., text: _Optional[str] = ..., scores: _Optional[_Iterable[_Union[DetectorResult, _Mapping]]] = ..., alerts: _Optional[_Iterable[_Union[Alert, _Mapping]]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., snapshot_version: _Optional[str] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
     __slots__ = ("token", "alert", "intervention", "summary")
@@ -312,12 +326,14 @@ class ScoreResult(_message.Message):
     def __init__(self, detectors: _Optional[_Iterable[_Union[DetectorResult, _Mapping]]] = ..., tokens: _Optional[_Iterable[str]] = ..., token_count: _Optional[int] = ...) -> None: ...
 
 class ScoreResponse(_message.Message):
-    __slots__ = ("request_id", "results")
+    __slots__ = ("request_id", "results", "snapshot_version")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     RESULTS_FIELD_NUMBER: _ClassVar[int]
+    SNAPSHOT_VERSION_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     results: _containers.RepeatedCompositeFieldContainer[ScoreResult]
-    def __init__(self, request_id: _Optional[str] = ..., results: _Optional[_Iterable[_Union[ScoreResult, _Mapping]]] = ...) -> None: ...
+    snapshot_version: str
+    def __init__(self, request_id: _Optional[str] = ..., results: _Optional[_Iterable[_Union[ScoreResult, _Mapping]]] = ..., snapshot_version: _Optional[str] = ...) -> None: ...
 
 class Calibration(_message.Message):
     __slots__ = ("method", "dataset", "target_fpr")
@@ -363,10 +379,12 @@ class ListDetectorsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ListDetectorsResponse(_message.Message):
-    __slots__ = ("detectors",)
+    __slots__ = ("detectors", "snapshot_version")
     DETECTORS_FIELD_NUMBER: _ClassVar[int]
+    SNAPSHOT_VERSION_FIELD_NUMBER: _ClassVar[int]
     detectors: _containers.RepeatedCompositeFieldContainer[Detector]
-    def __init__(self, detectors: _Optional[_Iterable[_Union[Detector, _Mapping]]] = ...) -> None: ...
+    snapshot_version: str
+    def __init__(self, detectors: _Optional[_Iterable[_Union[Detector, _Mapping]]] = ..., snapshot_version: _Optional[str] = ...) -> None: ...
 
 class GetAlertsRequest(_message.Message):
     __slots__ = ("start_time", "end_time", "detector_id", "request_id", "client_id", "page_size", "page_token")
@@ -399,7 +417,31 @@ class ReloadDetectorsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ReloadDetectorsResponse(_message.Message):
-    __slots__ = ("detectors",)
+    __slots__ = ("detectors", "snapshot_version")
     DETECTORS_FIELD_NUMBER: _ClassVar[int]
+    SNAPSHOT_VERSION_FIELD_NUMBER: _ClassVar[int]
     detectors: _containers.RepeatedCompositeFieldContainer[Detector]
-    def __init__(self, detectors: _Optional[_Iterable[_Union[Detector, _Mapping]]] = ...) -> None: ...
+    snapshot_version: str
+    def __init__(self, detectors: _Optional[_Iterable[_Union[Detector, _Mapping]]] = ..., snapshot_version: _Optional[str] = ...) -> None: ...
+
+class GetServerInfoRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class GetServerInfoResponse(_message.Message):
+    __slots__ = ("model_id", "model_fingerprint", "device", "dtype", "snapshot_version", "detectors", "server_version")
+    MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    SNAPSHOT_VERSION_FIELD_NUMBER: _ClassVar[int]
+    DETECTORS_FIELD_NUMBER: _ClassVar[int]
+    SERVER_VERSION_FIELD_NUMBER: _ClassVar[int]
+    model_id: str
+    model_fingerprint: str
+    device: str
+    dtype: str
+    snapshot_version: str
+    detectors: _containers.RepeatedCompositeFieldContainer[Detector]
+    server_version: str
+    def __init__(self, model_id: _Optional[str] = ..., model_fingerprint: _Optional[str] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., snapshot_version: _Optional[str] = ..., detectors: _Optional[_Iterable[_Union[Detector, _Mapping]]] = ..., server_version: _Optional[str] = ...) -> None: ...

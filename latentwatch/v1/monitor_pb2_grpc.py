@@ -60,6 +60,11 @@ class MonitorStub:
                 request_serializer=latentwatch_dot_v1_dot_monitor__pb2.ReloadDetectorsRequest.SerializeToString,
                 response_deserializer=latentwatch_dot_v1_dot_monitor__pb2.ReloadDetectorsResponse.FromString,
                 _registered_method=True)
+        self.GetServerInfo = channel.unary_unary(
+                '/latentwatch.v1.Monitor/GetServerInfo',
+                request_serializer=latentwatch_dot_v1_dot_monitor__pb2.GetServerInfoRequest.SerializeToString,
+                response_deserializer=latentwatch_dot_v1_dot_monitor__pb2.GetServerInfoResponse.FromString,
+                _registered_method=True)
 
 
 class MonitorServicer:
@@ -97,8 +102,17 @@ class MonitorServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ReloadDetectors(self, request, context):
-        """ReloadDetectors reloads detector packs from the server's configuration.
-        In-flight requests finish with the detectors they started with.
+        """ReloadDetectors re-reads the detector packs and the detector policy from the
+        server's configuration and swaps them in atomically as a new snapshot.
+        Requests in flight finish with the snapshot they were admitted with.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetServerInfo(self, request, context):
+        """GetServerInfo describes the served model, the detector snapshot and the
+        server version.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -131,6 +145,11 @@ def add_MonitorServicer_to_server(servicer, server):
                     servicer.ReloadDetectors,
                     request_deserializer=latentwatch_dot_v1_dot_monitor__pb2.ReloadDetectorsRequest.FromString,
                     response_serializer=latentwatch_dot_v1_dot_monitor__pb2.ReloadDetectorsResponse.SerializeToString,
+            ),
+            'GetServerInfo': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetServerInfo,
+                    request_deserializer=latentwatch_dot_v1_dot_monitor__pb2.GetServerInfoRequest.FromString,
+                    response_serializer=latentwatch_dot_v1_dot_monitor__pb2.GetServerInfoResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -269,6 +288,33 @@ class Monitor:
             '/latentwatch.v1.Monitor/ReloadDetectors',
             latentwatch_dot_v1_dot_monitor__pb2.ReloadDetectorsRequest.SerializeToString,
             latentwatch_dot_v1_dot_monitor__pb2.ReloadDetectorsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetServerInfo(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/latentwatch.v1.Monitor/GetServerInfo',
+            latentwatch_dot_v1_dot_monitor__pb2.GetServerInfoRequest.SerializeToString,
+            latentwatch_dot_v1_dot_monitor__pb2.GetServerInfoResponse.FromString,
             options,
             channel_credentials,
             insecure,

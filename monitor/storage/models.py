@@ -84,6 +84,7 @@ class Request(Base):
     completion_text: Mapped[str | None] = mapped_column(Text)
     text_sha256: Mapped[str | None] = mapped_column(String(64))
     alerted: Mapped[bool] = mapped_column()
+    snapshot_version: Mapped[str] = mapped_column(String, server_default="")
 
     __table_args__ = (
         UniqueConstraint("request_id", name="uq_requests_request_id"),
@@ -96,9 +97,11 @@ class Request(Base):
 class Alert(Base):
     __tablename__ = "alerts"
 
+    # Internal: the keyset tiebreaker of get_alerts. The public id is alert_id.
     id: Mapped[int] = mapped_column(BigIntPK, primary_key=True, autoincrement=True)
-    # Not a real foreign key: alerts are written while the request is still running,
-    # before its row exists.
+    alert_id: Mapped[str] = mapped_column(String)
+    # Not a real foreign key: the requests row exists from admission, but alerts of a
+    # request whose admission record was dropped must still be kept.
     request_id: Mapped[str] = mapped_column(String)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
     detector_id: Mapped[str] = mapped_column(String)
@@ -109,10 +112,16 @@ class Alert(Base):
     span_start: Mapped[int | None] = mapped_column(Integer)
     span_end: Mapped[int | None] = mapped_column(Integer)
     span_text: Mapped[str | None] = mapped_column(Text)
-    action: Mapped[str] = mapped_column(String)  # "alert" | "block" | "steer"
+    action: Mapped[str] = mapped_column(String)  # monitor.domain.ACTIONS
     client_id: Mapped[str | None] = mapped_column(String)
+    snapshot_version: Mapped[str] = mapped_column(String, server_default="")
+    request_kind: Mapped[str] = mapped_column(String, server_default="generate")
+    input_index: Mapped[int | None] = mapped_column(Integer)  # Score: which input
+    conversation_id: Mapped[str | None] = mapped_column(String)
+    tags: Mapped[dict[str, str]] = mapped_column(JSONType, server_default="{}")
 
     __table_args__ = (
+        UniqueConstraint("alert_id", name="uq_alerts_alert_id"),
         # get_alerts: keyset order (created_at, id), optionally narrowed by one filter.
         Index("ix_alerts_created_at_id", "created_at", "id"),
         Index("ix_alerts_detector_id_created_at_id", "detector_id", "created_at", "id"),
@@ -122,22 +131,31 @@ class Alert(Base):
 
 
 class Intervention(Base):
+    """The decision trail: blocks, steering and per-request overrides."""
+
     __tablename__ = "interventions"
 
     id: Mapped[str] = mapped_column(String, primary_key=True)  # InterventionRecord.intervention_id
     request_id: Mapped[str] = mapped_column(String)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
-    kind: Mapped[str] = mapped_column(String)  # "add" | "ablate"
-    hook_point: Mapped[str] = mapped_column(String)
-    vector_id: Mapped[str] = mapped_column(String)
-    coefficient: Mapped[float] = mapped_column(Float)
+    kind: Mapped[str] = mapped_column(String)  # monitor.domain.INTERVENTION_KINDS
+    detector_id: Mapped[str | None] = mapped_column(String)
     trigger: Mapped[str] = mapped_column(String)  # detector id or "request"
+    steering_kind: Mapped[str | None] = mapped_column(String)  # kind="steer": "add" | "ablate"
+    hook_point: Mapped[str | None] = mapped_column(String)
+    vector_id: Mapped[str | None] = mapped_column(String)
+    coefficient: Mapped[float | None] = mapped_column(Float)
+    details: Mapped[dict[str, Any]] = mapped_column(JSONType, server_default="{}")
+    snapshot_version: Mapped[str] = mapped_column(String, server_default="")
+    client_id: Mapped[str | None] = mapped_column(String)
     token_start: Mapped[int] = mapped_column(Integer)
     token_end: Mapped[int | None] = mapped_column(Integer)
 
     __table_args__ = (
+        # get_interventions: keyset order (created_at, id), optionally narrowed by one filter.
+        Index("ix_interventions_created_at_id", "created_at", "id"),
+        Index("ix_interventions_client_id_created_at_id", "client_id", "created_at", "id"),
         Index("ix_interventions_request_id", "request_id"),
-        Index("ix_interventions_created_at", "created_at"),
     )
 
 

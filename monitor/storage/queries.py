@@ -1,29 +1,44 @@
-"""Read side: alerts with keyset pagination, and one request with its alerts/interventions.
+"""Read side: alerts and interventions with keyset pagination, and one request with its
+alerts/interventions.
 
-Results are frozen dataclasses, never ORM objects, so callers need no session.
+Results are frozen dataclasses, never ORM objects, so callers need no session. Every input
+is checked before it reaches the database (a bad token or filter is a ValueError, never a
+database error), and a database that is down raises :class:`StorageUnavailable`.
 """
 
 from __future__ import annotations
 
 import base64
-import binascii
+import hashlib
 import json
-from dataclasses import dataclass
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, fields
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import and_, or_, select
-from sqlalchemy.engine import Engine
+from sqlalchemy import ColumnElement, and_, or_, select
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.exc import DisconnectionError, InterfaceError, OperationalError, SQLAlchemyError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
-from monitor.storage.models import Alert, Intervention, Request
+from monitor.storage.engine import StorageUnavailable
+from monitor.storage.models import Alert, Base, Intervention, Request
 
 MAX_PAGE_SIZE = 1000
-_TOKEN_VERSION = 1
+_TOKEN_VERSION = 2
+_MAX_TOKEN_CHARS = 512  # ours are ~150; anything far longer is not one of them
+_MAX_KEY = 2**63 - 1  # BIGINT
+# The ends of what Python (and so the drivers) can hold in UTC: bounds beyond them clamp here.
+_MIN_TIME = datetime.min.replace(tzinfo=UTC)
+_MAX_TIME = datetime.max.replace(tzinfo=UTC)
+_DOWN = (OperationalError, InterfaceError, DisconnectionError, PoolTimeoutError)
+_KEY = "page_key"  # the keyset tiebreaker, selected next to a row's columns
 
 
 @dataclass(frozen=True)
 class AlertRow:
-    id: int
+    alert_id: str
     request_id: str
     created_at: datetime
     detector_id: str
@@ -36,18 +51,28 @@ class AlertRow:
     span_text: str | None
     action: str
     client_id: str | None
+    snapshot_version: str
+    request_kind: str
+    input_index: int | None
+    conversation_id: str | None
+    tags: dict[str, str]
 
 
 @dataclass(frozen=True)
 class InterventionRow:
-    id: str
+    intervention_id: str
     request_id: str
     created_at: datetime
     kind: str
-    hook_point: str
-    vector_id: str
-    coefficient: float
+    detector_id: str | None
     trigger: str
+    steering_kind: str | None
+    hook_point: str | None
+    vector_id: str | None
+    coefficient: float | None
+    details: dict[str, Any]
+    snapshot_version: str
+    client_id: str | None
     token_start: int
     token_end: int | None
 
@@ -69,43 +94,138 @@ class RequestRow:
     completion_text: str | None
     text_sha256: str | None
     alerted: bool
+    snapshot_version: str
     alerts: tuple[AlertRow, ...] = ()
     interventions: tuple[InterventionRow, ...] = ()
 
 
-_ALERT_COLUMNS = [c for c in AlertRow.__dataclass_fields__]
-_INTERVENTION_COLUMNS = [c for c in InterventionRow.__dataclass_fields__]
-_REQUEST_COLUMNS = [
-    c for c in RequestRow.__dataclass_fields__ if c not in ("alerts", "interventions")
-]
+def _columns(model: type[Base], row_type: type, **renamed: Any) -> list[ColumnElement[Any]]:
+    """The columns that fill ``row_type``, each labelled with its field name."""
+    names = [f.name for f in fields(row_type) if f.name not in ("alerts", "interventions")]
+    return [(renamed[n] if n in renamed else getattr(model, n)).label(n) for n in names]
 
 
-def _encode_token(created_at: datetime, row_id: int) -> str:
-    payload = {
-        "v": _TOKEN_VERSION,
-        "t": created_at.astimezone(UTC).isoformat(),
-        "i": row_id,
-    }
+_ALERT_COLUMNS = _columns(Alert, AlertRow)
+_INTERVENTION_COLUMNS = _columns(Intervention, InterventionRow, intervention_id=Intervention.id)
+_REQUEST_COLUMNS = _columns(Request, RequestRow)
+
+
+@contextmanager
+def _reading(engine: Engine) -> Iterator[Connection]:
+    """A connection for one read; a database that cannot be reached raises StorageUnavailable
+    (its message names no host, SQL or parameters: it may reach a client)."""
+    try:
+        with engine.connect() as conn:
+            yield conn
+    except SQLAlchemyError as exc:
+        if isinstance(exc, _DOWN) or getattr(exc, "connection_invalidated", False):
+            raise StorageUnavailable() from exc
+        raise
+
+
+def _check_text(name: str, value: str | None) -> None:
+    """PostgreSQL refuses NUL and the drivers unencodable text: say so before they do."""
+    if value is None:
+        return
+    if not isinstance(value, str) or "\x00" in value:
+        raise ValueError(f"{name}: must be text without NUL characters")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError(f"{name}: not valid UTF-8 text") from None
+
+
+def _utc_bound(name: str, value: datetime | None) -> datetime | None:
+    """``value`` in UTC (naive is taken as UTC), clamped to years 1..9999 UTC: a bound beyond
+    them selects the same rows as that end, and no driver overflows."""
+    if value is None:
+        return None
+    if not isinstance(value, datetime):
+        raise ValueError(f"{name}: must be a datetime, got {type(value).__name__}")
+    if value.tzinfo is None or value.utcoffset() is None:
+        value = value.replace(tzinfo=UTC)
+    try:
+        return value.astimezone(UTC)
+    except OverflowError:
+        return _MIN_TIME if value.year == 1 else _MAX_TIME
+
+
+def _scope(table: str, filters: dict[str, Any]) -> str:
+    """Short hash of a query and its filters: a page token only continues the query it came from."""
+    raw = json.dumps([table, filters], sort_keys=True, default=datetime.isoformat, separators=(",", ":"))
+    return hashlib.sha256(raw.encode()).hexdigest()[:16]
+
+
+def _encode_token(scope: str, created_at: datetime, key: int | str) -> str:
+    payload = {"v": _TOKEN_VERSION, "f": scope, "t": created_at.astimezone(UTC).isoformat(), "i": key}
     raw = json.dumps(payload, separators=(",", ":")).encode()
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
 
-def _decode_token(token: str) -> tuple[datetime, int]:
+def _decode_token(token: str, scope: str, key_type: type) -> tuple[datetime, int | str]:
+    """The (created_at, key) a page token continues after; ValueError unless this query issued it."""
     try:
-        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
-        payload = json.loads(raw)
-        if payload.get("v") != _TOKEN_VERSION:
-            raise ValueError("unknown version")
+        if not isinstance(token, str) or len(token) > _MAX_TOKEN_CHARS:
+            raise ValueError
+        payload = json.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
+        if payload["v"] != _TOKEN_VERSION or not isinstance(payload["f"], str):
+            raise ValueError
         created_at = datetime.fromisoformat(payload["t"])
-        row_id = payload["i"]
-        if created_at.tzinfo is None or not isinstance(row_id, int) or isinstance(row_id, bool):
-            raise ValueError("malformed fields")
-    except (ValueError, TypeError, KeyError, AttributeError, binascii.Error) as exc:
+        key = payload["i"]
+        if created_at.utcoffset() is None or type(key) is not key_type:
+            raise ValueError
+        if isinstance(key, int) and not 0 <= key <= _MAX_KEY:
+            raise ValueError
+        if isinstance(key, str):
+            _check_text("key", key)
+    except (ValueError, TypeError, KeyError, AttributeError):
+        shown = token[:32] + "..." if isinstance(token, str) and len(token) > 32 else token
         raise ValueError(
-            f"invalid page_token {token[:40]!r}: pass back the next_page_token returned by "
-            f"a previous get_alerts call unchanged ({exc})"
+            f"page_token: invalid ({shown!r}); pass back the next_page_token of the previous call unchanged"
         ) from None
-    return created_at, row_id
+    if payload["f"] != scope:
+        raise ValueError("page_token: was issued for other filters; start again without it")
+    return _utc_bound("page_token", created_at), key
+
+
+def _paged(
+    engine: Engine,
+    model: type[Alert] | type[Intervention],
+    columns: list[ColumnElement[Any]],
+    row_type: type,
+    *,
+    since: datetime | None,
+    until: datetime | None,
+    page_size: int,
+    page_token: str | None,
+    **equal: str | None,
+) -> tuple[list[Any], str | None]:
+    """One page of ``model`` rows in keyset order (created_at, id), narrowed by since/until
+    and by equality on the ``equal`` columns that are not None."""
+    if not isinstance(page_size, int) or not 1 <= page_size <= MAX_PAGE_SIZE:
+        raise ValueError(f"page_size must be between 1 and {MAX_PAGE_SIZE}, got {page_size}")
+    for name, value in equal.items():
+        _check_text(name, value)
+    since, until = _utc_bound("since", since), _utc_bound("until", until)
+    scope = _scope(model.__tablename__, {"since": since, "until": until, **equal})
+    conds = [getattr(model, name) == value for name, value in equal.items() if value is not None]
+    if since is not None:
+        conds.append(model.created_at >= since)
+    if until is not None:
+        conds.append(model.created_at < until)
+    if page_token:
+        after_t, after_key = _decode_token(page_token, scope, model.id.type.python_type)
+        conds.append(or_(model.created_at > after_t, and_(model.created_at == after_t, model.id > after_key)))
+    stmt = (
+        select(model.id.label(_KEY), *columns).where(*conds).order_by(model.created_at, model.id).limit(page_size + 1)
+    )
+    with _reading(engine) as conn:
+        found = conn.execute(stmt).all()
+    rows = [row_type(**{k: v for k, v in r._asdict().items() if k != _KEY}) for r in found[:page_size]]
+    if len(found) <= page_size:
+        return rows, None
+    last = found[page_size - 1]._mapping
+    return rows, _encode_token(scope, last["created_at"], last[_KEY])
 
 
 def get_alerts(
@@ -119,59 +239,71 @@ def get_alerts(
     page_size: int = 100,
     page_token: str | None = None,
 ) -> tuple[list[AlertRow], str | None]:
-    """Alerts oldest first, ordered by (created_at, id), filtered by all given arguments.
+    """Alerts oldest first, filtered by all given arguments.
 
     ``since`` is inclusive, ``until`` exclusive (timezone-aware datetimes; naive ones are taken
-    as UTC). Returns the page and an opaque ``next_page_token`` (None on the last page).
+    as UTC; bounds beyond years 1..9999 UTC are clamped). Returns the page and an opaque
+    ``next_page_token`` (None on the last page), valid only with the same filters.
     Keyset pagination: pages neither repeat nor skip rows even while new alerts arrive.
-    Raises ValueError for a bad ``page_token`` or ``page_size`` outside 1..1000.
+    Raises ValueError for a bad filter, ``page_token`` or ``page_size`` outside 1..1000, and
+    StorageUnavailable when the database cannot be reached.
     """
-    if not 1 <= page_size <= MAX_PAGE_SIZE:
-        raise ValueError(f"page_size must be between 1 and {MAX_PAGE_SIZE}, got {page_size}")
-    conds = []
-    if since is not None:
-        conds.append(Alert.created_at >= since)
-    if until is not None:
-        conds.append(Alert.created_at < until)
-    if detector_id is not None:
-        conds.append(Alert.detector_id == detector_id)
-    if request_id is not None:
-        conds.append(Alert.request_id == request_id)
-    if client_id is not None:
-        conds.append(Alert.client_id == client_id)
-    if page_token:
-        after_t, after_id = _decode_token(page_token)
-        conds.append(
-            or_(Alert.created_at > after_t, and_(Alert.created_at == after_t, Alert.id > after_id))
-        )
-    cols = [getattr(Alert, c) for c in _ALERT_COLUMNS]
-    stmt = select(*cols).where(*conds).order_by(Alert.created_at, Alert.id).limit(page_size + 1)
-    with engine.connect() as conn:
-        rows = [AlertRow(**r._asdict()) for r in conn.execute(stmt)]
-    if len(rows) <= page_size:
-        return rows, None
-    rows = rows[:page_size]
-    last = rows[-1]
-    return rows, _encode_token(last.created_at, last.id)
+    return _paged(
+        engine,
+        Alert,
+        _ALERT_COLUMNS,
+        AlertRow,
+        since=since,
+        until=until,
+        page_size=page_size,
+        page_token=page_token,
+        detector_id=detector_id,
+        request_id=request_id,
+        client_id=client_id,
+    )
+
+
+def get_interventions(
+    engine: Engine,
+    *,
+    request_id: str | None = None,
+    client_id: str | None = None,
+    since: datetime | None = None,
+    until: datetime | None = None,
+    page_size: int = 100,
+    page_token: str | None = None,
+) -> tuple[list[InterventionRow], str | None]:
+    """Interventions (the decision trail) oldest first; paging and errors as :func:`get_alerts`."""
+    return _paged(
+        engine,
+        Intervention,
+        _INTERVENTION_COLUMNS,
+        InterventionRow,
+        since=since,
+        until=until,
+        page_size=page_size,
+        page_token=page_token,
+        request_id=request_id,
+        client_id=client_id,
+    )
 
 
 def get_request(engine: Engine, request_id: str) -> RequestRow | None:
-    """One request with its alerts and interventions (both oldest first), or None."""
-    with engine.connect() as conn:
-        row = conn.execute(
-            select(*[getattr(Request, c) for c in _REQUEST_COLUMNS]).where(
-                Request.request_id == request_id
-            )
-        ).first()
+    """One request with its alerts and interventions (both oldest first), or None.
+
+    Raises ValueError for an unusable ``request_id`` and StorageUnavailable when the database
+    cannot be reached.
+    """
+    _check_text("request_id", request_id)
+    with _reading(engine) as conn:
+        row = conn.execute(select(*_REQUEST_COLUMNS).where(Request.request_id == request_id)).first()
         if row is None:
             return None
         alerts = conn.execute(
-            select(*[getattr(Alert, c) for c in _ALERT_COLUMNS])
-            .where(Alert.request_id == request_id)
-            .order_by(Alert.created_at, Alert.id)
+            select(*_ALERT_COLUMNS).where(Alert.request_id == request_id).order_by(Alert.created_at, Alert.id)
         )
         interventions = conn.execute(
-            select(*[getattr(Intervention, c) for c in _INTERVENTION_COLUMNS])
+            select(*_INTERVENTION_COLUMNS)
             .where(Intervention.request_id == request_id)
             .order_by(Intervention.created_at, Intervention.id)
         )

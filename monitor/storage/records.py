@@ -8,22 +8,34 @@ the caller (a programming error), not later inside a batch where it would poison
 from __future__ import annotations
 
 import hashlib
+import json
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Literal, get_args
+from typing import Any
 
-TextPolicy = Literal["always", "alerts_only", "never"]
-RequestKind = Literal["generate", "score"]
-AlertAction = Literal["alert", "block", "steer"]
-InterventionKind = Literal["add", "ablate"]
+from monitor.domain import (
+    ACTIONS,
+    INTERVENTION_KINDS,
+    REQUEST_KINDS,
+    STEERING_KINDS,
+    ActionName,
+    InterventionKind,
+    RequestKind,
+    SteeringKind,
+)
 
-TEXT_POLICIES: tuple[str, ...] = get_args(TextPolicy)
+# Fields that only a steering intervention may carry.
+_STEERING_FIELDS = ("steering_kind", "hook_point", "vector_id", "coefficient")
 
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
+
+
+def _new_id() -> str:
+    return uuid.uuid4().hex
 
 
 def text_sha256(prompt_text: str | None, completion_text: str | None) -> str | None:
@@ -42,20 +54,34 @@ def text_sha256(prompt_text: str | None, completion_text: str | None) -> str | N
     return h.hexdigest()
 
 
-def _check_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
+def _check_choice(name: str, value: str | None, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
         raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
 
 
 def _check_aware(name: str, value: datetime | None) -> None:
-    if value is not None and (value.tzinfo is None or value.utcoffset() is None):
+    if value is None:
+        return
+    if value.tzinfo is None or value.utcoffset() is None:
         raise ValueError(f"{name} must be timezone-aware (use datetime.now(timezone.utc))")
+    try:  # the writer stores UTC: a time that has none would fail the whole batch
+        value.astimezone(UTC)
+    except OverflowError:
+        raise ValueError(f"{name} is out of range: {value.isoformat()}") from None
+
+
+def _check_json(name: str, value: Mapping[str, Any]) -> None:
+    try:
+        json.dumps(dict(value), allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{name} must be a JSON object: {exc}") from None
 
 
 @dataclass(frozen=True)
 class RequestRecord:
     """One generate/score request. Submitting a record whose ``request_id`` is already stored
-    replaces that row (so the service may write it at start and again when it finishes)."""
+    replaces that row: the service writes it at admission (``finished_at`` None) so alerts
+    always have their request, and again when it ends."""
 
     request_id: str
     kind: RequestKind
@@ -71,56 +97,104 @@ class RequestRecord:
     prompt_text: str | None = None
     completion_text: str | None = None
     alerted: bool = False
+    snapshot_version: str = ""
 
     def __post_init__(self) -> None:
         if not self.request_id:
             raise ValueError("request_id must be a non-empty string")
-        _check_choice("kind", self.kind, get_args(RequestKind))
+        _check_choice("kind", self.kind, REQUEST_KINDS)
         _check_aware("created_at", self.created_at)
         _check_aware("finished_at", self.finished_at)
+        _check_json("tags", self.tags)
 
 
 @dataclass(frozen=True)
 class AlertRecord:
-    """A detector fired. ``span_start``/``span_end`` are character offsets into the completion."""
+    """A detector fired. ``span_start``/``span_end`` are character offsets into the completion.
+
+    ``alert_id`` is the public id: the server streams it to the client and GetAlerts returns
+    the same one. ``input_index`` says which input of a Score request fired.
+    """
 
     request_id: str
     detector_id: str
     detector_version: str
     score: float
     threshold: float
-    action: AlertAction = "alert"
+    action: ActionName = "alert"
     created_at: datetime = field(default_factory=utcnow)
     token_index: int | None = None
     span_start: int | None = None
     span_end: int | None = None
     span_text: str | None = None
     client_id: str | None = None
+    alert_id: str = field(default_factory=_new_id)
+    snapshot_version: str = ""
+    request_kind: RequestKind = "generate"
+    input_index: int | None = None
+    conversation_id: str | None = None
+    tags: Mapping[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        _check_choice("action", self.action, get_args(AlertAction))
+        if not self.alert_id:
+            raise ValueError("alert_id must be a non-empty string")
+        _check_choice("action", self.action, tuple(ACTIONS))
+        _check_choice("request_kind", self.request_kind, REQUEST_KINDS)
         _check_aware("created_at", self.created_at)
+        if self.input_index is not None and self.input_index < 0:
+            raise ValueError(f"input_index must be >= 0, got {self.input_index}")
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in self.tags.items()):
+            raise ValueError("tags must map strings to strings")
 
 
 @dataclass(frozen=True)
 class InterventionRecord:
-    """A steering intervention. ``intervention_id`` identifies it: submit the record again
-    with the same id (e.g. ``dataclasses.replace(rec, token_end=n)``) to close it."""
+    """One entry of a request's decision trail: a block, a steering switched on, or a
+    per-request override of a rule (``details`` holds what was overridden, e.g.
+    ``{"threshold": 0.9, "action": "alert"}``).
+
+    ``detector_id`` is the detector whose decision caused it (None when the client asked);
+    ``trigger`` defaults to that id, or ``"request"``. ``intervention_id`` identifies the
+    record: submit it again with the same id (``dataclasses.replace(rec, token_end=n)``) to
+    close it.
+    """
 
     request_id: str
     kind: InterventionKind
-    hook_point: str
-    vector_id: str
-    coefficient: float
-    trigger: str  # detector id, or "request" when the client asked for it
     token_start: int
+    detector_id: str | None = None
+    trigger: str = ""
+    steering_kind: SteeringKind | None = None
+    hook_point: str | None = None
+    vector_id: str | None = None
+    coefficient: float | None = None
+    details: Mapping[str, Any] = field(default_factory=dict)
+    snapshot_version: str = ""
+    client_id: str | None = None
     token_end: int | None = None
     created_at: datetime = field(default_factory=utcnow)
-    intervention_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    intervention_id: str = field(default_factory=_new_id)
 
     def __post_init__(self) -> None:
-        _check_choice("kind", self.kind, get_args(InterventionKind))
+        if not self.intervention_id:
+            raise ValueError("intervention_id must be a non-empty string")
+        _check_choice("kind", self.kind, INTERVENTION_KINDS)
+        if not self.trigger:
+            object.__setattr__(self, "trigger", self.detector_id or "request")
+        if self.kind == "steer":
+            _check_choice("steering_kind", self.steering_kind, STEERING_KINDS)
+            if not self.hook_point:
+                raise ValueError("a steer intervention needs its hook_point")
+        else:
+            given = [f for f in _STEERING_FIELDS if getattr(self, f) is not None]
+            if given:
+                raise ValueError(f"{', '.join(given)} only apply to kind='steer', not {self.kind!r}")
+        if not isinstance(self.token_start, int) or self.token_start < 0:
+            raise ValueError(f"token_start must be an int >= 0, got {self.token_start!r}")
+        if self.token_end is not None and self.token_end < self.token_start:
+            raise ValueError(f"token_end ({self.token_end}) is before token_start ({self.token_start})")
         _check_aware("created_at", self.created_at)
+        _check_json("details", self.details)
 
 
 @dataclass(frozen=True)

@@ -25,19 +25,17 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import insert
 from sqlalchemy.engine import URL, Connection, Engine
 
-from monitor.storage import mask_url, open_database
+from monitor.domain import TEXT_POLICIES, TextPolicy
+from monitor.storage.engine import mask_url, open_database
 from monitor.storage.models import Alert, Base, Detector, Intervention, Request
 from monitor.storage.records import (
-    TEXT_POLICIES,
     AlertRecord,
     DetectorRecord,
     InterventionRecord,
     Record,
     RequestRecord,
-    TextPolicy,
     text_sha256,
 )
 
@@ -345,14 +343,14 @@ class StorageWriter:
 
     def _write_batch(self, conn: Connection, batch: list[Record]) -> None:
         requests: dict[str, dict[str, Any]] = {}
-        alerts: list[dict[str, Any]] = []
+        alerts: dict[str, dict[str, Any]] = {}
         interventions: dict[str, dict[str, Any]] = {}
         detectors: dict[tuple[str, str], dict[str, Any]] = {}
         for rec in batch:  # later records with the same key replace earlier ones
             if isinstance(rec, RequestRecord):
                 requests[rec.request_id] = self._request_row(rec)
             elif isinstance(rec, AlertRecord):
-                alerts.append(self._alert_row(rec))
+                alerts[rec.alert_id] = self._alert_row(rec)
             elif isinstance(rec, InterventionRecord):
                 interventions[rec.intervention_id] = _intervention_row(rec)
             elif isinstance(rec, DetectorRecord):
@@ -361,8 +359,8 @@ class StorageWriter:
                 log.error("storage: ignoring unknown record type %s", type(rec).__name__)
         if requests:
             _upsert(conn, Request, list(requests.values()), ["request_id"])
-        if alerts:
-            conn.execute(insert(Alert), alerts)
+        if alerts:  # an upsert: a batch retried after an unclear commit must not fail on its own rows
+            _upsert(conn, Alert, list(alerts.values()), ["alert_id"])
         if interventions:
             _upsert(conn, Intervention, list(interventions.values()), ["id"])
         if detectors:
@@ -388,10 +386,12 @@ class StorageWriter:
             "completion_text": rec.completion_text if keep_text else None,
             "text_sha256": text_sha256(rec.prompt_text, rec.completion_text),
             "alerted": rec.alerted,
+            "snapshot_version": rec.snapshot_version,
         }
 
     def _alert_row(self, rec: AlertRecord) -> dict[str, Any]:
         return {
+            "alert_id": rec.alert_id,
             "request_id": rec.request_id,
             "created_at": rec.created_at,
             "detector_id": rec.detector_id,
@@ -405,6 +405,11 @@ class StorageWriter:
             "span_text": None if self.text_policy == "never" else rec.span_text,
             "action": rec.action,
             "client_id": rec.client_id,
+            "snapshot_version": rec.snapshot_version,
+            "request_kind": rec.request_kind,
+            "input_index": rec.input_index,
+            "conversation_id": rec.conversation_id,
+            "tags": dict(rec.tags),
         }
 
     @staticmethod
@@ -423,10 +428,15 @@ def _intervention_row(rec: InterventionRecord) -> dict[str, Any]:
         "request_id": rec.request_id,
         "created_at": rec.created_at,
         "kind": rec.kind,
+        "detector_id": rec.detector_id,
+        "trigger": rec.trigger,
+        "steering_kind": rec.steering_kind,
         "hook_point": rec.hook_point,
         "vector_id": rec.vector_id,
         "coefficient": rec.coefficient,
-        "trigger": rec.trigger,
+        "details": dict(rec.details),
+        "snapshot_version": rec.snapshot_version,
+        "client_id": rec.client_id,
         "token_start": rec.token_start,
         "token_end": rec.token_end,
     }

@@ -9,7 +9,6 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict
-from sklearn.linear_model import LogisticRegression
 
 STD_FLOOR = 1e-6
 
@@ -33,6 +32,11 @@ class ScoringHead:
     @property
     def width(self) -> int:
         return self.w1.shape[1]
+
+    @property
+    def scorer_kind(self) -> str:
+        """The `monitor.scorers` kind that fuses this head on the device."""
+        return "affine" if self.w2 is None else "mlp"
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """Reference scoring, for tests and offline use; the bank fuses many heads instead."""
@@ -187,8 +191,11 @@ def platt(p: np.ndarray, y: np.ndarray) -> np.ndarray:
     """1-D Platt scaling: [a, c] with sigmoid(a*p + c) calibrated on (p, y).
 
     Fits on z-scored projections so the fixed L2 penalty means the same thing whatever the
-    projection's scale, then maps back to raw p.
+    projection's scale, then maps back to raw p. sklearn is imported here, not at module level,
+    so that serving (which only loads packs) never pays for it.
     """
+    from sklearn.linear_model import LogisticRegression
+
     m, s = p.mean(), max(p.std(), STD_FLOOR)
     lr = LogisticRegression().fit(((p - m) / s)[:, None], y)
     a = lr.coef_[0, 0] / s

@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import ClassVar, Literal
 
 import numpy as np
-from sklearn.linear_model import LogisticRegression
 
 from probes.kinds import register
 from probes.kinds.base import (
@@ -39,6 +38,8 @@ class LogisticProbe(TensorProbe):
     config: LogisticConfig
 
     def fit(self, x: np.ndarray, y: np.ndarray) -> None:
+        from sklearn.linear_model import LogisticRegression  # training only: serving never imports sklearn
+
         x, y = check_xy(x, y)
         mean, std = standardisation(x)
         lr = LogisticRegression(

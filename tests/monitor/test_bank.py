@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from monitor.bank import Detector, DetectorBank
-from monitor.hooks import HookPoint
+from monitor.domain import HookPoint
 from probes.kinds.base import ScoringHead
 from tests.tiny import tiny_runner
 
@@ -95,15 +95,20 @@ def test_64_probes_on_one_hook_point_cost_one_matmul(runner, monkeypatch):
     assert len(calls) == 1 and res[0].probs.shape == (64,)
 
 
-def test_mlp_probes_add_one_small_matmul_and_match_the_reference_head(runner):
+def test_mlp_probes_cost_two_matmuls_beside_the_affine_one_and_match_the_reference_head(runner, monkeypatch):
     d = runner.d_model
-    heads = [mlp(d, 1), affine(d, 2), mlp(d, 3, hidden=4)]
+    heads = [mlp(d, 1), affine(d, 2), mlp(d, 3, hidden=4), affine(d, 4)]
     bank = DetectorBank(detectors(d, [("blocks.1.resid_post", h, AGGS[1]) for h in heads]))
-    group = bank.groups[HookPoint.parse("blocks.1.resid_post")]
-    assert group.matmuls == 2
+    point = HookPoint.parse("blocks.1.resid_post")
     x = torch.randn(2, 5, d)
+    out = torch.zeros(2, 5, len(heads))
+    calls = []
+    real = torch.addmm
+    monkeypatch.setattr(torch, "addmm", lambda *a, **k: calls.append(1) or real(*a, **k))
+    bank.groups[point].record(x, out)
+    assert len(calls) == 3  # one for both affine heads, two for both MLP heads
     expect = torch.stack([h.logits(x) for h in heads], -1)
-    torch.testing.assert_close(group.logits(x), expect, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out, expect, rtol=1e-5, atol=1e-5)
 
 
 def test_bank_refuses_duplicate_ids_and_bad_aggregations(runner):

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from monitor.bank import Detector, DetectorBank
-from monitor.hooks import HookPoint
+from monitor.domain import HookPoint
 from monitor.runner import ModelRunner
 from monitor.steering import Steering, SteeringPlan
 from probes.kinds.base import ScoringHead
@@ -57,7 +57,7 @@ def test_bank_and_steering_never_sync_with_the_host():
     try:
         for _ in range(3):
             state.begin_step(3, 7)
-            state.record(bank.groups[point], plan.apply(point, h, "prompt"))
+            state.record(point, plan.apply(point, h, "prompt"))
             state.update(mask)
     finally:
         torch.cuda.set_sync_debug_mode("default")

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from monitor.bank import Detector, DetectorBank
-from monitor.generation import Generation, Sampling, _hits_stop
-from monitor.hooks import HookPoint
+from monitor.domain import HookPoint
+from monitor.generation import Generation, Sampling, _HoldBack
 from probes.kinds.base import ScoringHead
 from tests.tiny import tiny_runner
 
@@ -131,21 +131,59 @@ def test_requests_joining_mid_decode_get_the_same_tokens_and_scores_as_alone(run
             np.testing.assert_allclose(a.aggregate, b.aggregate, atol=1e-5)
 
 
+@pytest.fixture(scope="module")
+def varied():
+    """A tiny model whose greedy completion of PROMPTS[0] varies from token to token (most random
+    tiny models repeat one character), with that completion."""
+    runner = tiny_runner("llama", seed=3)
+    item = runner.encode(PROMPTS[0])
+    return runner, item, collect(Generation(runner, [item], [Sampling(max_new_tokens=16)]))[0]
 
-def test_stop_sequences_end_a_request_at_their_first_appearance():
-    runner = tiny_runner("gpt2")  # its random weights write text ("eee..."), so a stop sequence can occur
-    item = runner.encode(PROMPTS[1])
-    free = collect(Generation(runner, [item], [Sampling(max_new_tokens=12)]))[0]
+
+def test_a_stop_string_spanning_tokens_is_never_streamed(varied):
+    runner, item, free = varied
     full = "".join(e.text for e in free)
-    stop = full[1:3]
-    stopped = collect(Generation(runner, [item], [Sampling(max_new_tokens=12, stop=(stop,))]))[0]
-    text = "".join(e.text for e in stopped)
-    assert stopped[-1].finish_reason == "stop" and text.find(stop) == len(text) - len(stop)
-    assert [e.token_id for e in stopped] == [e.token_id for e in free[: len(stopped)]] and len(stopped) < len(free)
+    spans = [(i, i + 4) for i in range(1, len(free) - 4)
+             if all(len(e.text) == 1 for e in free[i : i + 4])]  # four tokens of one character each
+    start, end = spans[0]
+    stop = "".join(e.text for e in free[start:end])
+    before = "".join(e.text for e in free[:start])
+    assert full.find(stop) == len(before) > 0 and end < len(free)  # first seen mid-completion
+    stopped = collect(Generation(runner, [item], [Sampling(max_new_tokens=16, stop=(stop,))]))[0]
+    assert [e.token_id for e in stopped] == [e.token_id for e in free[:end]]
+    assert [e.finish_reason for e in stopped] == [None] * (end - 1) + ["stop"]
+    assert "".join(e.text for e in stopped) == before
+    assert all(e.text == "" for e in stopped[start:])  # not even the stop string's first part
 
 
-def test_stop_check_only_looks_at_text_that_could_complete_a_new_match():
-    assert _hits_stop("abc STOP", 4, ("STOP",))
-    assert _hits_stop("abc ST" + "OP", 2, ("STOP",))  # a match completed by the new characters
-    assert not _hits_stop("STOP and more", 4, ("STOP",))  # an older match is not new
-    assert not _hits_stop("abc STOP", 0, ("STOP",))
+def test_text_held_as_a_possible_stop_string_is_released_once_ruled_out(varied):
+    runner, item, free = varied
+    full = "".join(e.text for e in free)
+    a, b = free[-2].text, free[-1].text  # the completion ends in "~8", which also occurs earlier
+    assert len(a) == len(b) == 1 and full.count(a + b) > 1
+    stop = a + b + "\x7f"  # never completed
+    held = collect(Generation(runner, [item], [Sampling(max_new_tokens=16, stop=(stop,))]))[0]
+    assert [e.token_id for e in held] == [e.token_id for e in free] and held[-1].finish_reason == "length"
+    assert "".join(e.text for e in held) == full  # everything, including the held tail at "length"
+    k = [e.text for e in free].index(a)
+    assert [e.text for e in held[k : k + 3]] == ["", "", a + b + free[k + 2].text]
+    assert held[-1].text == a + b and held[-2].text == ""
+
+
+@pytest.mark.parametrize("pieces,stops,released,hit", [
+    (["abc STO", "P more"], ("STOP",), ["abc ", ""], True),  # the final piece ends mid-stop
+    (["abc ST", "ep"], ("STOP",), ["abc ", "STep"], False),  # ruled out: released with the next piece
+    (["aaa", "ab"], ("aaab",), ["", "a"], True),  # KMP fallback: "aaaa" still ends in the prefix "aaa"
+    (["xbc", "d"], ("xbcz", "bcd"), ["", "x"], True),  # "x", held for "xbcz", goes out when "bcd" ends
+    (["ab", "c"], ("abc", "bc"), ["", ""], True),  # both end at "c": the longer is removed
+    (["tail"], (), ["tail"], False),
+])
+def test_hold_back_releases_exactly_the_text_before_a_stop_string(pieces, stops, released, hit):
+    hold = _HoldBack(stops)
+    out = [hold.feed(p) for p in pieces]
+    assert [t for t, _ in out] == released and [h for _, h in out] == [False] * (len(pieces) - 1) + [hit]
+
+
+def test_empty_stop_strings_are_refused():
+    with pytest.raises(ValueError, match="stop"):
+        Sampling(stop=("",))

@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from monitor.hooks import ADAPTERS, HookMap, HookPoint, HookPointError
+from monitor.domain import HookPoint, HookPointError
+from monitor.hooks import ADAPTERS, HookMap
 from monitor.runner import HookPass
 from tests.tiny import CONFIGS, tiny_runner
 

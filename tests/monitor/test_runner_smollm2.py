@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from monitor.bank import Detector, DetectorBank
-from monitor.hooks import HookPoint
+from monitor.domain import HookPoint
 from monitor.runner import HookPass, InputError, InputTooLong
 from probes.pack import load_packs, shipped_packs_dir
 

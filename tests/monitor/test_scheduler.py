@@ -5,10 +5,11 @@ from __future__ import annotations
 import torch
 
 from monitor.bank import Detector, DetectorBank
+from monitor.decisions import Reaction
+from monitor.domain import HookPoint
 from monitor.generation import Sampling
-from monitor.hooks import HookPoint
 from monitor.metrics import Metrics
-from monitor.scheduler import GenJob, Reaction, Scheduler
+from monitor.scheduler import GenJob, Scheduler
 from probes.kinds.base import ScoringHead
 from tests.tiny import tiny_runner
 
@@ -18,15 +19,15 @@ def make(**kw):
     head = ScoringHead(torch.randn(r.d_model, 1) * 0.1, torch.zeros(1))
     bank = DetectorBank([Detector("d", "1", HookPoint.parse("blocks.1.resid_post"), head, aggregation="max")])
     m = Metrics(["d"])
-    return r, bank, m, Scheduler(r, bank, m, **kw).start()
+    return r, bank, m, Scheduler(r, m, **kw).start()
 
 
 def test_queued_score_jobs_are_merged_into_one_forward():
     r, bank, m, s = make(score_batch=8, score_wait_ms=500)
-    futs = [s.submit_score([r.encode(f"text {i}")]) for i in range(6)]
+    futs = [s.submit_score([r.encode(f"text {i}")], bank) for i in range(6)]
     results = [f.result(30) for f in futs]
     s.stop(10)
-    assert all(len(res) == 1 for _, res in results)
+    assert all(len(res) == 1 for res in results)
     assert m.value("latentwatch_forward_passes_total", {"kind": "score"}) == 1
 
 

@@ -23,7 +23,9 @@ def setup(tmp_path_factory):
              make_pack(r, tmp / "never", id="never", threshold=1.0, seed=1)]
     settings = Settings(packs=packs, port=0, metrics_port=0, db=f"sqlite:///{tmp}/db.sqlite",
                         score={"max_batch": 16, "max_wait_ms": 300}, generate={"max_batch": 8, "max_wait_ms": 50},
-                        max_new_tokens=200, max_input_tokens=200)
+                        max_new_tokens=200, max_input_tokens=200,
+                        permissions={"trusted": {"policy_overrides": True, "steering": True},
+                                     "lax": {"policy_overrides": True, "weaken_monitoring": True}})
     srv = RunningServer(settings, r)
     yield srv, r, tmp
     srv.stop()
@@ -67,20 +69,99 @@ def test_generate_streams_tokens_alert_and_summary_and_alerts_are_stored(client)
     assert by_client
 
 
-def test_block_policy_stops_generation_before_any_token(client):
-    req = pb.GenerateRequest(prompt="x y z", max_new_tokens=10, policy_overrides=[
-        pb.DetectorPolicy(detector_id="always", action=pb.ACTION_BLOCK)])
-    events = list(client.stub.Generate(req, timeout=30))
+def _generate(client, **kw):
+    return list(client.stub.Generate(pb.GenerateRequest(**kw), timeout=30))
+
+
+def _refused(client, code, **kw) -> str:
+    with pytest.raises(grpc.RpcError) as e:
+        _generate(client, **kw)
+    assert e.value.code() == code, e.value.details()
+    return e.value.details()
+
+
+TRUSTED = pb.RequestMetadata(client_id="trusted")
+
+
+def test_block_policy_stops_generation_before_any_token_and_is_on_the_trail(setup, client):
+    events = _generate(client, prompt="x y z", max_new_tokens=10, metadata=TRUSTED,
+                       policy_overrides=[pb.DetectorPolicy(detector_id="always", action=pb.ACTION_BLOCK)])
     kinds = [e.WhichOneof("event") for e in events]
-    assert kinds == ["alert", "intervention", "summary"]
+    assert kinds == ["intervention", "alert", "intervention", "summary"]
+    assert events[0].intervention.kind == pb.INTERVENTION_KIND_OVERRIDE
+    assert events[0].intervention.override.action == pb.ACTION_BLOCK
+    assert events[2].intervention.kind == pb.INTERVENTION_KIND_BLOCK
     assert events[-1].summary.finish_reason == pb.FINISH_REASON_BLOCKED
+    stored = {i.intervention_id: i.kind for i in _stored_interventions(setup, events[-1].summary.request_id)}
+    assert stored == {events[0].intervention.intervention_id: "override",
+                      events[2].intervention.intervention_id: "block"}
+
+
+def _stored_interventions(setup, request_id):
+    from monitor.storage import get_interventions
+
+    srv = setup[0].server
+    srv.writer.flush(5.0)
+    rows, _ = get_interventions(srv.writer.engine, request_id=request_id, page_size=100)
+    return rows
 
 
 def test_steer_policy_switches_ablation_on(client):
-    req = pb.GenerateRequest(prompt="x y z", max_new_tokens=4, policy_overrides=[
-        pb.DetectorPolicy(detector_id="always", action=pb.ACTION_STEER)])
-    events = [e.WhichOneof("event") for e in client.stub.Generate(req, timeout=30)]
-    assert events[:2] == ["alert", "intervention"] and events.count("token") == 4
+    events = _generate(client, prompt="x y z", max_new_tokens=4, metadata=TRUSTED,
+                       policy_overrides=[pb.DetectorPolicy(detector_id="always", action=pb.ACTION_STEER)])
+    kinds = [e.WhichOneof("event") for e in events]
+    assert kinds[:3] == ["intervention", "alert", "intervention"] and kinds.count("token") == 4
+    steer = events[2].intervention
+    assert steer.kind == pb.INTERVENTION_KIND_STEER and steer.steering.kind == pb.STEERING_KIND_ABLATE
+    assert steer.token_index == 1  # from the token after the alert
+
+
+def test_overrides_and_steering_are_refused_unless_the_config_allows_them(client):
+    block = [pb.DetectorPolicy(detector_id="always", action=pb.ACTION_BLOCK)]
+    details = _refused(client, grpc.StatusCode.PERMISSION_DENIED, prompt="x", policy_overrides=block)
+    assert "policy_overrides" in details and "permission" in details
+    vec = pb.SteeringRequest(vector=[0.0] * 31 + [1.0], hook_point="blocks.2.resid_post", kind=pb.STEERING_KIND_ADD,
+                             coefficient=1.0)
+    assert "steering" in _refused(client, grpc.StatusCode.PERMISSION_DENIED, prompt="x", steering=[vec],
+                                  metadata=pb.RequestMetadata(client_id="lax"))
+
+
+def test_a_request_may_not_weaken_its_monitoring_without_explicit_permission(client):
+    """Raising the threshold to 1.0 or turning block into alert switched monitoring off before."""
+    details = _refused(client, grpc.StatusCode.PERMISSION_DENIED, prompt="x", metadata=TRUSTED,
+                       policy_overrides=[pb.DetectorPolicy(detector_id="always", threshold=1.0)])
+    assert "policy_overrides[0].threshold" in details and "weaken_monitoring" in details
+    lax = pb.RequestMetadata(client_id="lax")
+    events = _generate(client, prompt="x", max_new_tokens=2, metadata=lax,
+                       policy_overrides=[pb.DetectorPolicy(detector_id="always", threshold=1.0)])
+    assert events[0].intervention.override.threshold == pytest.approx(1.0)  # allowed, and on the trail
+
+
+def test_steering_that_would_blind_a_detector_is_refused(setup, client):
+    """Ablating a probe's own direction before its hook point would silence it."""
+    srv, r, _ = setup
+    snap = srv.server.service.snapshot
+    direction = snap.bank.directions(snap.by_id["always"].slot)[:, 0]
+    blind = pb.SteeringRequest(vector=direction.tolist(), hook_point="blocks.0.resid_post",
+                               kind=pb.STEERING_KIND_ABLATE, coefficient=1.0)
+    details = _refused(client, grpc.StatusCode.PERMISSION_DENIED, prompt="x", steering=[blind], metadata=TRUSTED)
+    assert "steering[0].vector" in details and "'always'" in details and "steer_detector_directions" in details
+    # after the detector's hook point it cannot change what the detector reads: allowed, and streamed
+    after = pb.SteeringRequest(vector=direction.tolist(), hook_point="blocks.2.resid_post",
+                               kind=pb.STEERING_KIND_ADD, coefficient=0.5)
+    events = _generate(client, prompt="x", max_new_tokens=2, steering=[after], metadata=TRUSTED)
+    first = events[0].intervention
+    assert first.kind == pb.INTERVENTION_KIND_STEER and first.steering.hook_point == "blocks.2.resid_post"
+    assert first.steering.coefficient == pytest.approx(0.5) and first.detector_id == ""
+
+
+def test_unknown_enum_values_are_invalid_not_mapped(client):
+    details = _refused(client, grpc.StatusCode.INVALID_ARGUMENT, prompt="x", metadata=TRUSTED,
+                       policy_overrides=[pb.DetectorPolicy(detector_id="always", action=77)])
+    assert "policy_overrides[0].action" in details
+    bad = pb.SteeringRequest(vector=[1.0] * 32, hook_point="blocks.2.resid_post", kind=9)
+    assert "steering[0].kind" in _refused(client, grpc.StatusCode.INVALID_ARGUMENT, prompt="x", steering=[bad],
+                                          metadata=TRUSTED)
 
 
 def test_sixteen_concurrent_scores_share_forward_passes(setup, client):
@@ -173,7 +254,8 @@ def test_bad_score_requests(client, request_, code, field):
     (pb.GenerateRequest(prompt="a", steering=[pb.SteeringRequest(vector=[1.0] * 3, hook_point="blocks.0.resid_post",
                                                                  kind=pb.STEERING_KIND_ADD)]),
      grpc.StatusCode.INVALID_ARGUMENT, "steering[0].vector"),
-    (pb.GenerateRequest(prompt="a", policy_overrides=[pb.DetectorPolicy(detector_id="zz")]),
+    (pb.GenerateRequest(prompt="a", policy_overrides=[pb.DetectorPolicy(detector_id="zz")],
+                        metadata=pb.RequestMetadata(client_id="trusted")),
      grpc.StatusCode.NOT_FOUND, "policy_overrides[0].detector_id"),
 ])
 def test_bad_generate_requests(client, request_, code, field):
@@ -245,3 +327,61 @@ def test_policy_config_for_unknown_action_is_rejected():
     with pytest.raises(ValueError):
         DetectorPolicyConfig(action="explode")
 
+
+
+def test_streamed_alerts_are_the_stored_alerts_with_kind_input_conversation_and_tags(client):
+    md = pb.RequestMetadata(client_id="tenant-b", conversation_id="conv-7", tags={"team": "red"})
+    events = _generate(client, prompt="x y", max_new_tokens=2, metadata=md)
+    streamed = [e.alert for e in events if e.WhichOneof("event") == "alert"]
+    stored = client.stub.GetAlerts(pb.GetAlertsRequest(request_id=events[-1].summary.request_id), timeout=30).alerts
+    assert [a.alert_id for a in stored] == [a.alert_id for a in streamed] != []
+    assert stored[0].request_kind == pb.REQUEST_KIND_GENERATE and stored[0].metadata == md
+    assert stored[0].snapshot_version == events[-1].summary.snapshot_version != ""
+    score = client.stub.Score(pb.ScoreRequest(inputs=[pb.ScoreInput(text="a"), pb.ScoreInput(text="b")], metadata=md),
+                              timeout=30)
+    alerts = client.stub.GetAlerts(pb.GetAlertsRequest(request_id=score.request_id), timeout=30).alerts
+    assert sorted(a.input_index for a in alerts) == [0, 1]
+    assert {(a.request_kind, a.metadata.conversation_id, a.metadata.tags["team"]) for a in alerts} == {
+        (pb.REQUEST_KIND_SCORE, "conv-7", "red")}
+
+
+def test_alerts_only_stores_the_text_of_the_inputs_that_alerted_only(setup, client):
+    from monitor.storage import get_request
+
+    srv = setup[0].server
+    resp = client.stub.Score(pb.ScoreRequest(inputs=[pb.ScoreInput(text="first input"),
+                                                     pb.ScoreInput(text="second input")],
+                                             detectors=["never"]), timeout=30)
+    srv.writer.flush(5.0)
+    row = get_request(srv.writer.engine, resp.request_id)
+    assert row.alerted and "first input" in row.prompt_text  # "always" still monitors, though not reported
+    assert [d.detector_id for d in resp.results[0].detectors] == ["never"]
+
+
+def test_deadline_and_not_found_are_outcomes_of_their_own(setup, client, monkeypatch):
+    srv, r, _ = setup
+    real = r.model.forward
+    monkeypatch.setattr(r.model, "forward", lambda *a, **k: time.sleep(0.05) or real(*a, **k))
+    before = metric(srv, "latentwatch_requests_total", kind="generate", outcome="deadline_exceeded")
+    with pytest.raises(grpc.RpcError) as e:
+        list(client.stub.Generate(pb.GenerateRequest(prompt="slow", max_new_tokens=150), timeout=1.0))
+    assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    deadline = time.time() + 10
+    while metric(srv, "latentwatch_requests_total", kind="generate", outcome="deadline_exceeded") == before:
+        assert time.time() < deadline
+        time.sleep(0.05)
+    _refused(client, grpc.StatusCode.NOT_FOUND, prompt="x", detectors=["nope"])
+    assert metric(srv, "latentwatch_requests_total", kind="generate", outcome="not_found") >= 1
+
+
+def test_a_hundred_kilobyte_detector_id_is_not_found_with_a_short_message(client):
+    details = _refused(client, grpc.StatusCode.NOT_FOUND, prompt="x", detectors=["z" * 100_000])
+    assert "detectors[0]" in details and len(details) < 300
+
+
+def test_server_info_describes_model_and_snapshot(setup, client):
+    info = client.stub.GetServerInfo(pb.GetServerInfoRequest(), timeout=30)
+    assert info.model_id == "tiny-llama" and info.device == "cpu" and info.dtype == "float32"
+    assert len(info.model_fingerprint) == 64 and info.server_version
+    assert info.snapshot_version == setup[0].server.service.snapshot.version
+    assert {d.id for d in info.detectors} == {"always", "never"}

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import pickle
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,14 +14,18 @@ import torch
 from safetensors.torch import save_file
 
 from probes.fingerprint import ModelFingerprint, fingerprint
+from probes.kinds.base import ScoringHead
 from probes.kinds.logistic import LogisticProbe
+from probes.kinds.mlp import MlpConfig, MlpProbe
 from probes.pack import (
     Aggregation,
     Calibration,
     Manifest,
     PackError,
     ProbePack,
+    check_inputs,
     default_pack_dirs,
+    head_problem,
     load_packs,
     shipped_packs,
     shipped_packs_dir,
@@ -348,3 +354,67 @@ def test_fingerprint_of_a_tiny_llama():
     assert fp.mismatch(fingerprint(model.to(torch.bfloat16), tok)) is None
     assert "tokenizer" in fp.mismatch(fingerprint(model, tiny_tokenizer(extra=("new",))))
     assert "different weights" in fp.mismatch(fingerprint(tiny_llama(1), tok))
+
+
+def test_zero_std_is_refused(pack_dir, probe):
+    resave(pack_dir, {**probe.tensors(), "std": torch.zeros(D)})
+    refused(pack_dir, r"folded scoring weights \(w1, b1\) overflow float32.*detector would be blind")
+
+
+def test_coefficient_near_float32_limit_is_refused(pack_dir, probe):
+    """Every stored tensor is finite, but scoring overflows: NaN/inf scores never flag correctly."""
+    tensors = {**probe.tensors(), "mean": torch.zeros(D), "std": torch.ones(D), "coef": torch.full((D,), 3e38)}
+    resave(pack_dir, tensors)
+    refused(pack_dir, "scoring head gives NaN or inf on 64 of 65 check inputs")
+
+
+def test_all_zero_weights_are_refused(pack_dir, probe):
+    resave(pack_dir, {name: torch.zeros_like(t) for name, t in probe.tensors().items()} | {"std": torch.ones(D)})
+    refused(pack_dir, r"same logit \(0\) for every check input")
+
+
+def test_nan_producing_mlp_is_refused(tmp_path):
+    """Huge hidden activations times output weights of both signs: inf - inf = NaN."""
+    config, folder = MlpConfig(hidden=2), tmp_path / "mlp"
+    healthy = {"mean": torch.zeros(D), "std": torch.ones(D), "w1": torch.randn(D, 2), "b1": torch.zeros(2),
+               "w2": torch.tensor([1.0, -1.0]), "b2": torch.zeros(1)}
+    manifest = Manifest.model_validate(manifest_dict(kind="mlp", kind_config=config.model_dump()))
+    ProbePack(manifest, MlpProbe.from_tensors(config, healthy)).save(folder)
+    resave(folder, {**healthy, "w1": torch.full((D, 2), 1e30), "w2": torch.tensor([1e30, -1e30])})
+    with pytest.raises(PackError, match=f"{folder}: its scoring head gives NaN or inf"):
+        load_packs([folder])
+
+
+def test_save_refuses_a_blind_head(tmp_path, probe):
+    blind = LogisticProbe.from_tensors(probe.config, {**probe.tensors(), "coef": torch.zeros(D)})
+    with pytest.raises(PackError, match="same logit"):
+        ProbePack(Manifest.model_validate(manifest_dict()), blind).save(tmp_path / "x")
+    assert not (tmp_path / "x").exists()
+
+
+def test_check_inputs_are_fixed_and_spread():
+    x = check_inputs(D)
+    assert torch.equal(x, check_inputs(D)) and x.dtype == torch.float32 and x.shape == (65, D)
+    assert x[:-1].norm(dim=1).mean().item() == pytest.approx(100, rel=0.2) and not x[-1].any()
+
+
+def test_head_problem_accepts_a_healthy_head(probe):
+    assert head_problem(probe.head()) is None
+    assert "same logit" in head_problem(ScoringHead(torch.full((D, 1), 1e-30), torch.ones(1)))
+
+
+def test_shipped_packs_pass_the_health_check():
+    packs = load_packs([folder for folder, _ in shipped_packs().values()])
+    assert {p.manifest.id for p in packs} >= {"harmful_intent", "deception"}
+    assert all(head_problem(p.head()) is None for p in packs)
+
+
+def test_serving_imports_neither_sklearn_nor_matplotlib():
+    """Training needs scikit-learn; loading a pack and building its head must not import it."""
+    code = (
+        "import sys; from probes.pack import ProbePack, shipped_packs; "
+        "ProbePack.load(shipped_packs()['harmful_intent'][0]).head(); "
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'sklearn', 'matplotlib'}))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert done.stdout.strip() == "[]"

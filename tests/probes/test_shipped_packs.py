@@ -1,23 +1,52 @@
 """The packs shipped in probes/packs are what their recipes produce from the shared datasets.
 
-harmful_intent is retrained at its recorded configuration (the full 66-candidate sweep takes
-~10 minutes here; the refit, its fold models and so the threshold depend only on the chosen
-configuration and the data). deception runs its whole recipe through the CLI.
+The default tests prove it end to end in about a minute, with a recorded tape of the model's
+pooled activations standing in for the ~10k forward passes (see tests/probes/fixtures/README.md):
+
+1. The recipe rebuilds its splits from the shared datasets: the training and calibration data
+   hashes must equal the shipped manifest's, and every row (ids and contents, in order) the tape's.
+2. The real model re-captures a recorded random subset of the tape's rows now and must give the
+   same pooled activations (1e-4), and the real detector bank must give the same scores on some of
+   them as the replay does (for a mean-aggregated affine head the mean of per-token logits is the
+   logit of the mean activation).
+3. `train_pack` runs at the pack's recorded configuration with a runner that replays the tape, so
+   the same code draws the folds, refits, calibrates out of fold and evaluates: weights (1e-4),
+   threshold (1e-3), calibration and every shipped metric (0.01) must match the manifest.
+
+Full retraining through the model (harmful_intent at its recorded configuration, ~10 minutes;
+deception's whole CLI recipe including its 55-candidate sweep) runs with LATENTWATCH_FULL_REPRO=1.
+After retraining a shipped pack, re-record the tape: `.venv/bin/python scripts/make-pack-fixtures.py`.
 """
 
+from __future__ import annotations
+
+import hashlib
 import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 from monitor import cli
+from monitor.runner import encode_all
+from probes import train
+from probes.data import Example, data_sha256
 from probes.pack import ProbePack, shipped_packs
-from probes.recipes import datasets_dir, harmful_intent_splits
+from probes.recipes import RECIPES, datasets_dir
 from probes.train import TrainData, TrainSpec, train_pack
 
 pytestmark = pytest.mark.slow
 
+FIXTURES = Path(__file__).parent / "fixtures" / "shipped_packs"
+FULL = pytest.mark.skipif(os.environ.get("LATENTWATCH_FULL_REPRO") != "1",
+                          reason="full retraining through the model; set LATENTWATCH_FULL_REPRO=1")
+PACKS = ("harmful_intent", "deception")
+N_SPOT, N_BANK = 96, 24  # rows the model re-captures / the detector bank re-scores per pack
 METRICS = ("auroc", "auprc", "recall_at_1pct_fpr", "recall_at_threshold", "fpr_at_threshold")
 
 
@@ -32,26 +61,181 @@ def assert_same_pack(fresh: ProbePack, ref: ProbePack, sets: list[str]) -> None:
     assert fresh.manifest.calibration == ref.manifest.calibration
     for name in sets:
         for key in METRICS:
-            assert fresh.manifest.metrics[name][key] == pytest.approx(ref.manifest.metrics[name][key], abs=0.01), \
-                (name, key)
+            if key in ref.manifest.metrics[name]:
+                assert fresh.manifest.metrics[name][key] == pytest.approx(ref.manifest.metrics[name][key], abs=0.01), \
+                    (name, key)
 
 
-def test_harmful_intent_recipe_reproduces_the_shipped_pack(smollm2):
-    ref = shipped("harmful_intent", smollm2)
+# ------------------------------------------------------------------------------ the tape
+
+def recipe_inputs(ref: ProbePack) -> tuple[TrainData, TrainSpec]:
+    """The recipe's data as `latentwatch train --recipe` builds it, and the pack's chosen configuration."""
     m, prov = ref.manifest, ref.manifest.provenance
-    chosen = prov["selection"]["chosen"]
-    splits = harmful_intent_splits(datasets_dir(None), seed=prov["seed"])
+    chosen, splits = prov["selection"]["chosen"], RECIPES[prov["recipe"]](datasets_dir(None), seed=prov["seed"])
     cal = m.calibration.benign_set
-    data = TrainData(splits.train + splits.val, cal, splits.calibration[cal], {"test": splits.test},
-                     recipe="harmful_intent")
+    data = TrainData(splits.train + splits.val, cal, splits.calibration[cal],
+                     {"test": splits.test, **splits.eval_sets}, recipe=prov["recipe"])
     spec = TrainSpec(pack_id=m.id, hook_points=[chosen["hook_point"]], probes=[(chosen["kind"], chosen["config"])],
-                     pools=[chosen["pool"]], target_fpr=m.calibration.target_fpr, seed=prov["seed"],
-                     folds=prov["params"]["folds"])
+                     pools=[chosen["pool"]], input_format=m.input_format, target_fpr=m.calibration.target_fpr,
+                     version=m.version, seed=prov["seed"], batch_size=prov["params"]["batch_size"],
+                     folds=prov["params"]["folds"], description=m.description,
+                     enabled_by_default=m.enabled_by_default)
+    return data, spec
+
+
+def tape_sets(data: TrainData) -> dict[str, list[Example]]:
+    return {"dev": data.dev, "calibration": data.calibration, **{f"eval/{k}": v for k, v in data.eval_sets.items()}}
+
+
+def tape_rows(data: TrainData) -> list[Example]:
+    """Every distinct scored input once, first seen first: the rows of the tape."""
+    rows: dict[tuple, Example] = {}
+    for examples in tape_sets(data).values():
+        for e in examples:
+            rows.setdefault(e.scoring_key, e)
+    return list(rows.values())
+
+
+def rows_sha256(rows: list[Example]) -> str:
+    """Ordered, unlike `data_sha256`: row i of the tape must be input i of the recipe."""
+    return hashlib.sha256("".join(data_sha256([e]) for e in rows).encode()).hexdigest()
+
+
+def capture(runner, rows: list[Example], spec: TrainSpec, *, progress: bool = False) -> np.ndarray:
+    """Pooled activations [rows, d_model] at the pack's hook point, as `train.sweep` collects them."""
+    point = runner.hooks.resolve(spec.hook_points[0])
+    items = encode_all(runner, rows, chat=spec.input_format == "chat")
+    return runner.capture(items, [point], batch_size=spec.batch_size, progress=progress)[(point, spec.pools[0])]
+
+
+def record_tape(runner, pack_id: str, folder: Path = FIXTURES, *, progress: bool = True) -> None:
+    """Write <pack_id>.json (hashes, row ids, spot rows) and <pack_id>.safetensors (activations).
+
+    Activations are stored as float16 offsets from a float32 per-feature centre: the residual
+    stream's large constant components would otherwise eat float16's precision.
+    """
+    data, spec = recipe_inputs(shipped(pack_id, runner))
+    rows = tape_rows(data)
+    x = capture(runner, rows, spec, progress=progress)
+    centre = x.astype(np.float64).mean(0).astype(np.float32)
+    spot = np.sort(np.random.default_rng(0).choice(len(rows), N_SPOT, replace=False))
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file({"centre": torch.from_numpy(centre), "offset": torch.from_numpy(x - centre).half(),
+               "spot": torch.from_numpy(x[spot])}, folder / f"{pack_id}.safetensors")
+    meta = {
+        "pack_id": pack_id,
+        "recorded_with": "scripts/make-pack-fixtures.py",
+        "hook_point": spec.hook_points[0],
+        "pool": spec.pools[0],
+        "input_format": spec.input_format,
+        "sets": {name: {"n": len(v), "data_sha256": data_sha256(v)} for name, v in tape_sets(data).items()},
+        "rows": {"n": len(rows), "sha256": rows_sha256(rows), "ids": [e.id for e in rows]},
+        "spot_rows": spot.tolist(),
+    }
+    (folder / f"{pack_id}.json").write_text(json.dumps(meta, indent=1) + "\n")
+
+
+@dataclass
+class Tape:
+    meta: dict
+    centre: np.ndarray  # float32 [d_model]
+    x: np.ndarray  # float32 [rows, d_model]: centre + float16 offset
+    spot: np.ndarray  # float32 [spot rows, d_model], exactly as captured
+    rows: list[Example]
+
+    @classmethod
+    def load(cls, pack_id: str, data: TrainData) -> Tape:
+        """The recorded tape, once the recipe's rows are shown to be the ones it was recorded on."""
+        meta = json.loads((FIXTURES / f"{pack_id}.json").read_text())
+        t = load_file(FIXTURES / f"{pack_id}.safetensors")
+        rows = tape_rows(data)
+        sets = {name: {"n": len(v), "data_sha256": data_sha256(v)} for name, v in tape_sets(data).items()}
+        assert sets == meta["sets"], "the recipe's splits changed since the tape was recorded"
+        assert [e.id for e in rows] == meta["rows"]["ids"] and rows_sha256(rows) == meta["rows"]["sha256"]
+        return cls(meta, t["centre"].numpy(), (t["centre"] + t["offset"].float()).numpy(), t["spot"].numpy(), rows)
+
+    @property
+    def spot_rows(self) -> list[Example]:
+        return [self.rows[i] for i in self.meta["spot_rows"]]
+
+
+class ReplayRunner:
+    """The part of `ModelRunner` that `train_pack` uses, answered from the tape.
+
+    Identity (hooks, d_model, fingerprint) is the real runner's. `encode` returns the tape row.
+    """
+
+    def __init__(self, runner, tape: Tape):
+        self.hooks, self.d_model, self.model_id = runner.hooks, runner.d_model, runner.model_id
+        self.fingerprint = runner.fingerprint
+        self.tape = tape
+        self.row = {e.scoring_key: i for i, e in enumerate(tape.rows)}
+
+    def encode(self, text=None, messages=None, *, chat: bool, score_suffix=None) -> int:
+        assert chat == (self.tape.meta["input_format"] == "chat")
+        return self.row[(text, messages, score_suffix)]
+
+    def capture(self, items: list[int], points, **_) -> dict:
+        assert [str(p) for p in points] == [self.tape.meta["hook_point"]]
+        return {(points[0], self.tape.meta["pool"]): self.tape.x[items]}
+
+
+def replay_scores(runner: ReplayRunner, packs: list[ProbePack], examples: list[Example], **_) -> np.ndarray:
+    """`train.bank_scores` from the tape: sigmoid(head(mean activation)) in float32, like the bank."""
+    x = torch.from_numpy(runner.tape.x[[runner.row[e.scoring_key] for e in examples]])
+    return np.stack([probs(p, x, runner.tape.meta) for p in packs], axis=1)
+
+
+def probs(pack: ProbePack, x: torch.Tensor, meta: dict) -> np.ndarray:
+    m, head = pack.manifest, pack.head()
+    assert m.hook_point == meta["hook_point"] and m.aggregation.kind == "mean" and head.w2 is None, \
+        "a tape replays only mean-aggregated affine heads at the hook point it was recorded at"
+    with torch.no_grad():
+        return torch.sigmoid(head.logits(x)).numpy()
+
+
+# ----------------------------------------------------------------------------- the tests
+
+@pytest.mark.parametrize("pack_id", PACKS)
+def test_recipe_reproduces_the_shipped_pack(pack_id, smollm2, monkeypatch):
+    ref = shipped(pack_id, smollm2)
+    data, spec = recipe_inputs(ref)
+    prov = ref.manifest.provenance
+    assert (data_sha256(data.dev), data_sha256(data.calibration)) == (prov["data_sha256"], prov["calibration_sha256"])
+    tape = Tape.load(pack_id, data)
+    assert (tape.meta["hook_point"], tape.meta["pool"]) == (spec.hook_points[0], spec.pools[0])
+
+    np.testing.assert_allclose(capture(smollm2, tape.spot_rows, spec), tape.spot, rtol=1e-4, atol=1e-4)
+    stored = tape.x[tape.meta["spot_rows"]]  # the float16 copy the replay uses, within its rounding
+    assert (np.abs(stored - tape.spot) <= np.abs(tape.spot - tape.centre) * 2**-10 + 1e-4).all()
+    bank = train.bank_scores(smollm2, [ref], tape.spot_rows[:N_BANK])[:, 0]
+    np.testing.assert_allclose(bank, probs(ref, torch.from_numpy(tape.spot[:N_BANK]), tape.meta), atol=1e-5)
+
+    monkeypatch.setattr(train, "bank_scores", replay_scores)
+    fresh, _ = train_pack(ReplayRunner(smollm2, tape), data, spec, progress=False)
+    assert fresh.manifest.provenance["data_sha256"] == prov["data_sha256"]
+    assert fresh.manifest.provenance["selection"]["chosen"]["cv_auroc"] == pytest.approx(
+        prov["selection"]["chosen"]["cv_auroc"], abs=1e-4)
+    assert (fresh.manifest.description, fresh.manifest.enabled_by_default) == \
+        (ref.manifest.description, ref.manifest.enabled_by_default)
+    assert fresh.manifest.metrics.keys() == ref.manifest.metrics.keys()
+    for name, ref_metrics in ref.manifest.metrics.items():
+        assert fresh.manifest.metrics[name]["n_pos"] == ref_metrics["n_pos"]
+        assert fresh.manifest.metrics[name]["n_neg"] == ref_metrics["n_neg"]
+    assert_same_pack(fresh, ref, list(ref.manifest.metrics))
+
+
+@FULL
+def test_harmful_intent_recipe_retrains_to_the_shipped_pack(smollm2):
+    ref = shipped("harmful_intent", smollm2)
+    data, spec = recipe_inputs(ref)
+    data.eval_sets = {"test": data.eval_sets["test"]}
     fresh, _ = train_pack(smollm2, data, spec, progress=False)
-    assert prov["data_sha256"] == fresh.manifest.provenance["data_sha256"]
+    assert ref.manifest.provenance["data_sha256"] == fresh.manifest.provenance["data_sha256"]
     assert_same_pack(fresh, ref, ["test"])
 
 
+@FULL
 def test_deception_recipe_reproduces_the_shipped_pack(smollm2, monkeypatch, tmp_path):
     monkeypatch.setattr(cli, "load_runner", lambda model, device: smollm2)
     result = CliRunner().invoke(cli.app, ["train", "--recipe", "deception", "--out", str(tmp_path / "d")])

@@ -10,9 +10,8 @@ from __future__ import annotations
 from alembic import context
 from sqlalchemy import create_engine
 
+from monitor.storage.engine import VERSION_TABLE
 from monitor.storage.models import Base
-
-VERSION_TABLE = "latentwatch_alembic_version"
 
 config = context.config
 target_metadata = Base.metadata

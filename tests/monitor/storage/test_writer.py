@@ -80,16 +80,28 @@ def _writer(db_url, **kw) -> StorageWriter:
 def test_round_trip_all_record_kinds(db_url):
     w = _writer(db_url, text_policy="always")
     try:
-        iv = InterventionRecord(
+        steer = InterventionRecord(
             request_id="r1",
-            kind="add",
-            hook_point="model.layers.12.resid_post",
+            kind="steer",
+            token_start=7,
+            detector_id="deception",
+            steering_kind="add",
+            hook_point="blocks.12.resid_post",
             vector_id="honesty-v2",
             coefficient=-4.5,
-            trigger="deception",
-            token_start=7,
+            details={"positions": "generated"},
+            snapshot_version="snap-3",
+            client_id="client-a",
             created_at=T0 + timedelta(seconds=1),
         )
+        override = InterventionRecord(
+            request_id="r1",
+            kind="override",
+            token_start=0,
+            details={"detector_id": "deception", "threshold": 0.9, "action": "alert"},
+            created_at=T0,
+        )
+        block = InterventionRecord("r1", "block", 9, detector_id="deception", created_at=T0 + timedelta(seconds=2))
         det = DetectorRecord(
             detector_id="deception",
             version="1.0",
@@ -100,13 +112,15 @@ def test_round_trip_all_record_kinds(db_url):
             metrics={"auroc": 0.97, "fpr_at_tpr": [0.01, 0.9]},
             loaded_at=T0,
         )
-        for rec in (_request("r1", alerted=True), _alert("r1"), iv, det):
+        alert = _alert("r1", snapshot_version="snap-3", conversation_id="conv-1", tags={"team": "red"})
+        request = _request("r1", alerted=True, snapshot_version="snap-3")
+        for rec in (request, alert, steer, override, block, det):
             assert w.submit(rec) is True
         assert w.flush(timeout=30)
-        # the intervention finishes later: same id, token_end now known
-        assert w.submit(dataclasses.replace(iv, token_end=19))
+        # the steering ends later: same id, token_end now known
+        assert w.submit(dataclasses.replace(steer, token_end=19))
         assert w.flush(timeout=30)
-        assert w.write_failures == 0 and w.dropped == 0 and w.written == 5
+        assert w.write_failures == 0 and w.dropped == 0 and w.written == 7
 
         row = get_request(w.engine, "r1")
         assert row is not None
@@ -118,25 +132,41 @@ def test_round_trip_all_record_kinds(db_url):
         assert (row.finish_reason, row.prompt_tokens, row.completion_tokens) == ("stop", 11, 22)
         assert row.prompt_text == "How do I bake bread?"
         assert row.completion_text == "Mix flour, water, yeast."
-        assert row.alerted is True
+        assert row.alerted is True and row.snapshot_version == "snap-3"
 
-        (alert,) = row.alerts
-        assert (alert.detector_id, alert.detector_version) == ("deception", "1.0")
-        assert alert.score == pytest.approx(0.93) and alert.threshold == pytest.approx(0.8)
-        assert (alert.token_index, alert.span_start, alert.span_end) == (0, 5, 10)
-        assert (alert.span_text, alert.action, alert.client_id) == ("flour", "steer", "client-a")
-        assert alert.created_at == T0
+        (a,) = row.alerts
+        assert a.alert_id == alert.alert_id and len(a.alert_id) == 32
+        assert (a.detector_id, a.detector_version) == ("deception", "1.0")
+        assert a.score == pytest.approx(0.93) and a.threshold == pytest.approx(0.8)
+        assert (a.token_index, a.span_start, a.span_end) == (0, 5, 10)
+        assert (a.span_text, a.action, a.client_id) == ("flour", "steer", "client-a")
+        assert a.created_at == T0
+        assert (a.snapshot_version, a.request_kind, a.input_index) == ("snap-3", "generate", None)
+        assert (a.conversation_id, a.tags) == ("conv-1", {"team": "red"})
 
-        (ivrow,) = row.interventions
-        assert ivrow.id == iv.intervention_id
-        assert (ivrow.kind, ivrow.hook_point, ivrow.vector_id) == (
+        ov, st, bl = row.interventions  # oldest first
+        assert ov.intervention_id == override.intervention_id
+        assert (ov.kind, ov.detector_id, ov.trigger) == ("override", None, "request")
+        assert ov.details == {"detector_id": "deception", "threshold": 0.9, "action": "alert"}
+        assert (ov.steering_kind, ov.hook_point, ov.vector_id, ov.coefficient) == (None, None, None, None)
+        assert st.intervention_id == steer.intervention_id
+        assert (st.kind, st.steering_kind, st.hook_point, st.vector_id) == (
+            "steer",
             "add",
-            "model.layers.12.resid_post",
+            "blocks.12.resid_post",
             "honesty-v2",
         )
-        assert ivrow.coefficient == pytest.approx(-4.5)
-        assert (ivrow.trigger, ivrow.token_start, ivrow.token_end) == ("deception", 7, 19)
-        assert _count(w.engine, Intervention) == 1
+        assert st.coefficient == pytest.approx(-4.5) and st.details == {"positions": "generated"}
+        assert (st.detector_id, st.trigger, st.token_start, st.token_end) == ("deception", "deception", 7, 19)
+        assert (st.snapshot_version, st.client_id) == ("snap-3", "client-a")
+        assert (bl.kind, bl.detector_id, bl.trigger, bl.token_start, bl.details) == (
+            "block",
+            "deception",
+            "deception",
+            9,
+            {},
+        )
+        assert _count(w.engine, Intervention) == 3
 
         with w.engine.connect() as conn:
             d = conn.execute(select(Detector)).one()
@@ -146,6 +176,61 @@ def test_round_trip_all_record_kinds(db_url):
         assert d.loaded_at == T0
 
         assert get_request(w.engine, "nope") is None
+    finally:
+        assert w.close(timeout=30)
+
+
+def _admission(rid: str) -> RequestRecord:
+    """What the service submits when it admits a request: no end, no text, not alerted yet."""
+    return _request(
+        rid, finished_at=None, finish_reason=None, completion_tokens=0, prompt_text=None, completion_text=None
+    )
+
+
+@pytest.mark.parametrize("one_batch", [False, True])
+def test_admission_row_is_replaced_by_the_end_record_and_alerts_never_orphan(db_url, one_batch):
+    w = _writer(db_url, text_policy="alerts_only", flush_interval_s=30 if one_batch else 0.05)
+    try:
+        admitted = _admission("r1")
+        assert w.submit(admitted)
+        if not one_batch:
+            assert w.flush(timeout=30)
+            row = get_request(w.engine, "r1")
+            assert row.finished_at is None and row.alerts == ()
+        alert = _alert("r1")
+        assert w.submit(alert)
+        if not one_batch:
+            assert w.flush(timeout=30)
+            row = get_request(w.engine, "r1")  # mid-request: the alert already has its request
+            assert row.finished_at is None and [a.alert_id for a in row.alerts] == [alert.alert_id]
+        end = _request("r1", alerted=True, created_at=admitted.created_at)
+        assert w.submit(end)
+        assert w.flush(timeout=30) and w.write_failures == 0
+        row = get_request(w.engine, "r1")
+        assert _count(w.engine, Request) == 1
+        assert (row.finished_at, row.finish_reason, row.completion_tokens) == (end.finished_at, "stop", 22)
+        assert row.completion_text == end.completion_text  # alerted at the end: alerts_only keeps it
+        assert [a.alert_id for a in row.alerts] == [alert.alert_id]
+        with w.engine.connect() as conn:
+            orphans = conn.execute(
+                select(func.count()).select_from(Alert).where(Alert.request_id.not_in(select(Request.request_id)))
+            ).scalar_one()
+        assert orphans == 0
+    finally:
+        assert w.close(timeout=30)
+
+
+def test_resubmitted_alert_replaces_its_row(db_url):
+    w = _writer(db_url)
+    try:
+        alert = _alert("r1")
+        w.submit(alert)
+        w.submit(dataclasses.replace(alert, score=0.95))  # same batch
+        assert w.flush(timeout=30)
+        w.submit(dataclasses.replace(alert, score=0.97))  # a later batch, as in a retried write
+        assert w.flush(timeout=30) and w.write_failures == 0
+        rows, _ = get_alerts(w.engine)
+        assert [(r.alert_id, r.score) for r in rows] == [(alert.alert_id, pytest.approx(0.97))]
     finally:
         assert w.close(timeout=30)
 

@@ -1,0 +1,125 @@
+"""The vocabulary every layer shares, defined once.
+
+Config, the proto mapping, storage, metrics, the policy and the client all import these names;
+none of them spells an action, aggregation, hook point, request kind or outcome on its own.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Literal, get_args
+
+# ----------------------------------------------------------------------------- hook points
+
+SITES = ("resid_pre", "attn_out", "mlp_out", "resid_post")
+_HOOK_NAME = re.compile(r"^blocks\.(\d+)\.([a-z_]+)$")
+
+
+class HookPointError(ValueError):
+    """A hook point name that does not exist (in the grammar, or on this model)."""
+
+
+@dataclass(frozen=True, order=True)
+class HookPoint:
+    """``blocks.{layer}.{site}`` (TransformerLens style); orders by depth (layer, then site)."""
+
+    layer: int
+    site_rank: int
+
+    @property
+    def site(self) -> str:
+        return SITES[self.site_rank]
+
+    @classmethod
+    def parse(cls, name: str) -> HookPoint:
+        m = _HOOK_NAME.match(name.strip()) if isinstance(name, str) else None
+        if not m or m.group(2) not in SITES:
+            shown = name[:80] + "..." if isinstance(name, str) and len(name) > 80 else name
+            raise HookPointError(
+                f"unknown hook point {shown!r}: expected 'blocks.<layer>.<site>' with site one of "
+                f"{', '.join(SITES)} (e.g. 'blocks.14.resid_post')"
+            )
+        return cls(int(m.group(1)), SITES.index(m.group(2)))
+
+    def __str__(self) -> str:
+        return f"blocks.{self.layer}.{self.site}"
+
+
+# ------------------------------------------------------------------------------- actions
+
+
+@dataclass(frozen=True)
+class Action:
+    """What a rule does when its detector fires.
+
+    `strength` orders actions by how much they constrain the model: a request may never swap a
+    rule's action for a weaker one unless the server config allows it explicitly.
+    """
+
+    name: str
+    strength: int
+    records_alert: bool  # writes an alert record
+    stops: bool = False  # ends the generation (finish reason `blocked`)
+    steers: bool = False  # switches the rule's steering on for the rest of the request
+
+
+ACTIONS: dict[str, Action] = {
+    a.name: a
+    for a in (
+        Action("alert", 1, records_alert=True),
+        Action("steer", 2, records_alert=True, steers=True),
+        Action("block", 3, records_alert=True, stops=True),
+    )
+}
+ActionName = Literal["alert", "steer", "block"]
+assert set(get_args(ActionName)) == set(ACTIONS)
+
+# ---------------------------------------------------------------------------- aggregations
+
+AGGREGATIONS = ("last", "mean", "max", "ema", "rolling_max")
+AggregationName = Literal["last", "mean", "max", "ema", "rolling_max"]
+assert get_args(AggregationName) == AGGREGATIONS
+
+# --------------------------------------------------------------------- requests and records
+
+RequestKind = Literal["generate", "score"]
+REQUEST_KINDS: tuple[str, ...] = get_args(RequestKind)
+
+FINISH_REASONS = ("stop", "length", "blocked")  # a generation that ended normally
+END_REASONS = (*FINISH_REASONS, "cancelled", "deadline_exceeded", "error")  # and every other end
+
+InterventionKind = Literal["block", "steer", "override"]
+INTERVENTION_KINDS: tuple[str, ...] = get_args(InterventionKind)
+SteeringKind = Literal["add", "ablate"]
+STEERING_KINDS: tuple[str, ...] = get_args(SteeringKind)
+SteeringPositions = Literal["prompt", "generated", "all"]
+STEERING_POSITIONS: tuple[str, ...] = get_args(SteeringPositions)
+
+TextPolicy = Literal["always", "alerts_only", "never"]
+TEXT_POLICIES: tuple[str, ...] = get_args(TextPolicy)
+
+# Outcome labels of finished RPCs (metrics, logs): a bounded set.
+OUTCOMES = (
+    "ok",
+    "blocked",
+    "cancelled",
+    "deadline_exceeded",
+    "invalid_argument",
+    "not_found",
+    "permission_denied",
+    "resource_exhausted",
+    "failed_precondition",
+    "unavailable",
+    "unauthenticated",
+    "internal",
+)
+# How a generation's end reason reads as an RPC outcome.
+END_OUTCOME = {
+    "stop": "ok",
+    "length": "ok",
+    "blocked": "blocked",
+    "cancelled": "cancelled",
+    "deadline_exceeded": "deadline_exceeded",
+    "error": "internal",
+}

@@ -1,0 +1,107 @@
+"""One place maps what an RPC raised to a gRPC status, and counts its outcome.
+
+`RequestError` (the request's fault, or a refusal) keeps its code and message; a body that did
+not parse is INVALID_ARGUMENT; anything else is logged with its traceback and answered INTERNAL
+with a generic message and the RPC's log reference, never the exception's text.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import logging
+import time
+import uuid
+
+import grpc
+
+from monitor.errors import RequestError
+from monitor.metrics import Metrics
+from monitor.wire import BadRequest
+
+log = logging.getLogger(__name__)
+# An RPC that succeeds may still end otherwise (a blocked generation): the servicer sets this.
+outcome: contextvars.ContextVar[list[str]] = contextvars.ContextVar("outcome")
+
+
+def _rpc_kind(method: str) -> str:
+    name = method.rsplit("/", 1)[-1]
+    return "".join("_" + c.lower() if c.isupper() else c for c in name).lstrip("_")
+
+
+class ErrorInterceptor(grpc.aio.ServerInterceptor):
+    def __init__(self, metrics: Metrics, services: tuple[str, ...]):
+        self.metrics, self.services = metrics, services
+
+    async def intercept_service(self, continuation, details):
+        handler = await continuation(details)
+        if handler is None or not details.method.startswith(tuple(f"/{s}/" for s in self.services)):
+            return handler
+        kind = _rpc_kind(details.method)
+        if handler.unary_unary:
+            return grpc.unary_unary_rpc_method_handler(
+                self._unary(kind, handler.unary_unary), request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer)
+        if handler.unary_stream:
+            return grpc.unary_stream_rpc_method_handler(
+                self._stream(kind, handler.unary_stream), request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer)
+        return handler
+
+    def _unary(self, kind, fn):
+        async def run(request, context):
+            t0, result = time.monotonic(), ["ok"]
+            outcome.set(result)
+            try:
+                _check(request)
+                return await fn(request, context)
+            except asyncio.CancelledError:
+                result[0] = _cancelled(context)
+                raise
+            except Exception as e:  # noqa: BLE001 - mapped to a status right here
+                await self._abort(kind, e, context, result)
+            finally:
+                self.metrics.observe_request(kind, result[0], time.monotonic() - t0)
+
+        return run
+
+    def _stream(self, kind, fn):
+        async def run(request, context):
+            t0, result = time.monotonic(), ["ok"]
+            outcome.set(result)
+            try:
+                _check(request)
+                async for item in fn(request, context):
+                    yield item
+            except asyncio.CancelledError:
+                result[0] = _cancelled(context)
+                raise
+            except Exception as e:  # noqa: BLE001 - mapped to a status right here
+                await self._abort(kind, e, context, result)
+            finally:
+                self.metrics.observe_request(kind, result[0], time.monotonic() - t0)
+
+        return run
+
+    async def _abort(self, kind: str, e: Exception, context, result: list[str]) -> None:
+        if isinstance(e, grpc.aio.AbortError):
+            raise e
+        if isinstance(e, RequestError):
+            result[0] = e.code.lower()
+            await context.abort(getattr(grpc.StatusCode, e.code), e.message)
+        ref = uuid.uuid4().hex[:12]
+        log.error("%s failed (ref %s)", kind, ref, exc_info=e)
+        result[0] = "internal"
+        await context.abort(grpc.StatusCode.INTERNAL, f"internal error (ref {ref}); the server log has the details")
+
+
+def _cancelled(context) -> str:
+    """A client that went away, or one whose deadline passed (grpc cancels the handler when the
+    deadline timer fires, so a few milliseconds may still read as remaining)."""
+    remaining = context.time_remaining()
+    return "deadline_exceeded" if remaining is not None and remaining < 0.1 else "cancelled"
+
+
+def _check(request) -> None:
+    if isinstance(request, BadRequest):
+        raise RequestError("INVALID_ARGUMENT", request.message)

@@ -1,0 +1,99 @@
+"""The decision trail: every request, alert and intervention as a storage record plus metrics.
+
+The servicer hands this module domain objects (decisions, overrides, steering) on the event
+loop, never on the model thread; records go to the storage writer's queue, metrics to
+`Metrics`. Ids are made here, so the id streamed to a client is the id that is stored.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from monitor.admission import ClientSteering, Override
+from monitor.decisions import Decision
+from monitor.metrics import Metrics
+from monitor.snapshot import Rule
+from monitor.steering import Steering
+from monitor.storage import AlertRecord, DetectorRecord, InterventionRecord, RequestRecord, StorageWriter
+
+
+@dataclass
+class RequestContext:
+    """Who asked, with which snapshot: copied into every record of the request."""
+
+    kind: str  # monitor.domain.REQUEST_KINDS
+    snapshot_version: str
+    client_id: str | None = None
+    conversation_id: str | None = None
+    tags: dict[str, str] = field(default_factory=dict)
+    request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    created_at: datetime = field(default_factory=lambda: datetime.now(UTC))
+
+
+class Trail:
+    def __init__(self, writer: StorageWriter | None, metrics: Metrics, model_id: str):
+        self.writer, self.metrics, self.model_id = writer, metrics, model_id
+
+    def submit(self, rec) -> None:
+        if self.writer is not None:
+            self.writer.submit(rec)
+            self.metrics.set_storage_queue_depth(self.writer.queue_depth)
+
+    def request(self, ctx: RequestContext, **fields: Any) -> None:
+        """The request's row: at admission (so alerts are never orphaned), again when it ends."""
+        self.submit(RequestRecord(ctx.request_id, ctx.kind, self.model_id, created_at=ctx.created_at,
+                                  client_id=ctx.client_id, conversation_id=ctx.conversation_id, tags=ctx.tags,
+                                  snapshot_version=ctx.snapshot_version, **fields))
+
+    def alert(self, ctx: RequestContext, rule: Rule, score: float, token_index: int | None, *,
+              action: str | None = None, input_index: int | None = None,
+              span: tuple[int | None, int | None, str | None] = (None, None, None)) -> AlertRecord:
+        rec = AlertRecord(ctx.request_id, rule.id, rule.version, score, rule.threshold, action or rule.action,
+                          token_index=token_index, span_start=span[0], span_end=span[1], span_text=span[2],
+                          client_id=ctx.client_id, snapshot_version=ctx.snapshot_version, request_kind=ctx.kind,
+                          input_index=input_index, conversation_id=ctx.conversation_id, tags=ctx.tags)
+        self.submit(rec)
+        self.metrics.record_alert(rule.id, rec.action)
+        return rec
+
+    def decision(self, ctx: RequestContext, d: Decision) -> tuple[AlertRecord, list[InterventionRecord]]:
+        """An alert for the decision, then what it did: a block, or the steering it switched on."""
+        alert = self.alert(ctx, d.rule, d.score, d.token_index)
+        if d.action.stops:
+            return alert, [self._intervention(ctx, "block", d.token_index, d.rule.id, d.rule.id)]
+        return alert, [self.steering(ctx, s, d.token_index + 1, trigger=d.rule.id) for s in d.steering]
+
+    def steering(self, ctx: RequestContext, s: Steering, token_index: int, *,
+                 trigger: str | None) -> InterventionRecord:
+        return self._intervention(ctx, "steer", token_index, trigger, trigger or "request", steering_kind=s.kind,
+                                  hook_point=str(s.hook_point), vector_id=s.id or "inline",
+                                  coefficient=float(s.coefficient), details={"positions": s.positions})
+
+    def client_steering(self, ctx: RequestContext, items: list[ClientSteering]) -> list[InterventionRecord]:
+        """Steering asked for from the start is on the trail at admission; triggered steering when it starts."""
+        return [self.steering(ctx, c.steering, 0, trigger=None) for c in items if c.trigger is None]
+
+    def overrides(self, ctx: RequestContext, overrides: list[Override]) -> list[InterventionRecord]:
+        return [self._intervention(ctx, "override", 0, o.detector_id, "request",
+                                   details={k: v for k, v in (("threshold", o.threshold), ("action", o.action))
+                                            if v is not None})
+                for o in overrides]
+
+    def _intervention(self, ctx: RequestContext, kind: str, token_index: int, detector_id: str | None,
+                      trigger: str, **fields: Any) -> InterventionRecord:
+        rec = InterventionRecord(ctx.request_id, kind, token_index, detector_id=detector_id, trigger=trigger,
+                                 snapshot_version=ctx.snapshot_version, client_id=ctx.client_id, **fields)
+        self.submit(rec)
+        self.metrics.record_intervention(detector_id, kind)
+        return rec
+
+    def detectors(self, snapshot) -> None:
+        for d in snapshot.bank.detectors if snapshot.bank else []:
+            man = d.manifest
+            cal = getattr(man, "calibration", None)
+            self.submit(DetectorRecord(d.id, d.version, getattr(man, "kind", "linear"), str(d.hook_point),
+                                       float(d.threshold), calibration=cal.model_dump() if cal is not None else {},
+                                       metrics=dict(getattr(man, "metrics", {}) or {})))
