@@ -8,6 +8,7 @@ with a generic message and the RPC's log reference, never the exception's text.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import logging
 import time
@@ -50,38 +51,33 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
 
     def _unary(self, kind, fn):
         async def run(request, context):
-            t0, result = time.monotonic(), ["ok"]
-            outcome.set(result)
-            try:
-                _check(request)
+            async with self._rpc(kind, request, context):
                 return await fn(request, context)
-            except asyncio.CancelledError:
-                result[0] = _cancelled(context)
-                raise
-            except Exception as e:  # noqa: BLE001 - mapped to a status right here
-                await self._abort(kind, e, context, result)
-            finally:
-                self.metrics.observe_request(kind, result[0], time.monotonic() - t0)
 
         return run
 
     def _stream(self, kind, fn):
         async def run(request, context):
-            t0, result = time.monotonic(), ["ok"]
-            outcome.set(result)
-            try:
-                _check(request)
+            async with self._rpc(kind, request, context):
                 async for item in fn(request, context):
                     yield item
-            except asyncio.CancelledError:
-                result[0] = _cancelled(context)
-                raise
-            except Exception as e:  # noqa: BLE001 - mapped to a status right here
-                await self._abort(kind, e, context, result)
-            finally:
-                self.metrics.observe_request(kind, result[0], time.monotonic() - t0)
 
         return run
+
+    @contextlib.asynccontextmanager
+    async def _rpc(self, kind: str, request, context):
+        t0, result = time.monotonic(), ["ok"]
+        outcome.set(result)
+        try:
+            _check(request)
+            yield
+        except asyncio.CancelledError:
+            result[0] = _cancelled(context)
+            raise
+        except Exception as e:  # noqa: BLE001 - mapped to a status right here
+            await self._abort(kind, e, context, result)
+        finally:
+            self.metrics.observe_request(kind, result[0], time.monotonic() - t0)
 
     async def _abort(self, kind: str, e: Exception, context, result: list[str]) -> None:
         if isinstance(e, grpc.aio.AbortError):

@@ -11,6 +11,7 @@ package and applied by :func:`open_database` (idempotent).
 
 from __future__ import annotations
 
+from monitor.domain import TextPolicy
 from monitor.storage.engine import (
     StorageError,
     StorageUnavailable,
