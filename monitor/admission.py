@@ -5,7 +5,8 @@ server config grants it to that client id: overrides need `policy_overrides`, we
 (a higher threshold, a milder action) also `weaken_monitoring`; steering needs `steering`, and
 a vector with |cosine| >= `steering_max_detector_cosine` against a detector's direction at or
 before that detector's hook point (it would push the detector's reading around) also
-`steer_detector_directions`.
+`steer_detector_directions`. With authentication on, overrides and steering also need the
+caller's token to hold the `admin` role.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from monitor.auth import require
 from monitor.domain import ACTIONS
 from monitor.errors import RequestError, clip
 from monitor.snapshot import Rule, Snapshot, with_action
@@ -48,6 +50,7 @@ def apply_overrides(snapshot: Snapshot, client_id: str, overrides: list[Override
     rules = list(snapshot.rules)
     if not overrides:
         return rules
+    require("admin", "policy_overrides")
     perms = snapshot.permissions_for(client_id)
     if not perms.policy_overrides:
         raise _denied("policy_overrides", client_id, "policy_overrides", "overrides are not allowed")
@@ -80,6 +83,7 @@ def check_steering(snapshot: Snapshot, client_id: str, steering: list[ClientStee
     """Refuse client steering unless granted, and steering that would blind a detector."""
     if not steering:
         return
+    require("admin", "steering")
     perms = snapshot.permissions_for(client_id)
     if not perms.steering:
         raise _denied("steering", client_id, "steering", "client steering is not allowed")

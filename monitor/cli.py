@@ -1,4 +1,4 @@
-"""`latentwatch` command line: train, eval, score, detectors (and serve, alerts from cli_serve)."""
+"""`latentwatch` command line: train, eval, score, detectors (serve, alerts from cli_serve; token from cli_token)."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from rich.table import Table
 
 from monitor.cli_serve import console, fail, out
 from monitor.cli_serve import register as register_service_commands
+from monitor.cli_token import register as register_token_commands
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="White-box safety monitor for language models.")
 
@@ -369,3 +370,4 @@ def detectors(
 
 
 register_service_commands(app)
+register_token_commands(app)

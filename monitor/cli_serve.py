@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
 import socket
 import sys
 from datetime import UTC, datetime
@@ -18,6 +17,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from monitor import logs
 from monitor.config import Settings
 
 console = Console(stderr=True)
@@ -62,7 +62,7 @@ def serve(
                                               show_default=True)] = _default("metrics_port"),
     db: Annotated[str, typer.Option("--db", help="Database URL: sqlite:///path.db or postgresql://...",
                                     show_default=True)] = _default("db"),
-    host: Annotated[str, typer.Option(help="Bind address; 0.0.0.0 in a k8s sidecar.",
+    host: Annotated[str, typer.Option(help="Bind address; beyond loopback needs TLS and client authentication.",
                                       show_default=True)] = _default("host"),
     model: Annotated[str | None, typer.Option(help="Model: HF id, local folder or GGUF file.",
                                               show_default="SmolLM2-135M-Instruct")] = None,
@@ -76,6 +76,20 @@ def serve(
                       ] = None,
     text_policy: Annotated[str, typer.Option(help="Texts stored: always | alerts_only | never.",
                                              show_default=True)] = _default("text_policy"),
+    log_format: Annotated[str, typer.Option(help="Log lines: text | json (one object per line).",
+                                            show_default=True)] = _default("log_format"),
+    drain_seconds: Annotated[float, typer.Option(help="On SIGTERM: how long requests in flight may finish.",
+                                                 show_default=True)] = _default("drain_seconds"),
+    auth_tokens: Annotated[Path | None, typer.Option(
+        "--auth-tokens", help="YAML token file: callers need a bearer token listed there (see `latentwatch token`).",
+        show_default="no authentication")] = None,
+    tls_cert: Annotated[Path | None, typer.Option(help="PEM certificate chain: serve TLS only (with --tls-key); "
+                                                  "re-read on change and on SIGHUP.")] = None,
+    tls_key: Annotated[Path | None, typer.Option(help="PEM private key of --tls-cert.")] = None,
+    tls_client_ca: Annotated[Path | None, typer.Option(help="PEM CA bundle: require client certificates it "
+                                                       "signed (mTLS).")] = None,
+    insecure: Annotated[bool, typer.Option("--insecure", help="Allow a --host beyond loopback without TLS and "
+                                           "client authentication.")] = False,
 ) -> None:
     """Start the gRPC sidecar. Settings: defaults < config file < LATENTWATCH_* env < flags given."""
     from pydantic import ValidationError
@@ -83,7 +97,9 @@ def serve(
     from monitor.config import load_settings
 
     flags = {"port": port, "metrics_port": metrics_port, "db": db, "host": host, "model": model, "packs": packs,
-             "extra_packs": add_packs, "device": device, "text_policy": text_policy}
+             "extra_packs": add_packs, "device": device, "text_policy": text_policy, "log_format": log_format,
+             "drain_seconds": drain_seconds, "auth_tokens": auth_tokens,
+             "tls_cert": tls_cert, "tls_key": tls_key, "tls_client_ca": tls_client_ca, "insecure": insecure}
     param = {"extra_packs": "add_packs"}  # where the setting's name differs from the parameter's
     given = {k: v for k, v in flags.items() if ctx.get_parameter_source(param.get(k, k)).name == "COMMANDLINE"}
     try:
@@ -97,7 +113,7 @@ def serve(
     from monitor.server import serve as run_server
     from monitor.storage import mask_url
 
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logs.configure(settings.log_level, settings.log_format)
     console.print(f"[bold]latentwatch[/bold]: loading model [cyan]{settings.model or 'SmolLM2-135M-Instruct (default)'}"
                   f"[/cyan] with {len(folders)} probe pack(s) ...")
 
@@ -108,7 +124,7 @@ def serve(
         console.print(
             f"[green]serving[/green] gRPC on [bold]{settings.host}:{server.port}[/bold] "
             f"(health + reflection)\n  metrics   {metrics}\n  database  {mask_url(settings.db)}\n"
-            f"  detectors {dets}\n  Ctrl-C or SIGTERM to stop (grace {settings.grace_period_s:g} s)",
+            f"  detectors {dets}\n  Ctrl-C or SIGTERM to stop (drain {settings.drain_seconds:g} s)",
             highlight=False,
         )
 
@@ -121,14 +137,20 @@ def serve(
 
 
 def check_before_loading(settings: Settings) -> list[Path]:
-    """What can be wrong without the model, checked before it loads: packs, database, ports.
+    """What can be wrong without the model, checked before it loads: exposure, packs, database, tokens,
+    TLS files, ports.
 
     Returns the pack folders to serve. Only the packs' model fingerprints wait for the model.
     """
+    from monitor.auth import TokenFileError, read_tokens
     from monitor.snapshot import pack_dirs
-    from monitor.storage import StorageError, check_url
+    from monitor.storage import StorageError, check_journal_dir, check_url
+    from monitor.tls import TlsError, server_credentials
     from probes.pack import PackError, load_packs
 
+    if settings.unprotected:
+        fail(f"refusing to serve {settings.bind} without TLS and client authentication: set --tls-cert/--tls-key "
+             "and --auth-tokens (or --tls-client-ca for mTLS), or pass --insecure to accept the risk")
     try:
         folders = pack_dirs(settings)
         load_packs(folders)
@@ -136,7 +158,17 @@ def check_before_loading(settings: Settings) -> list[Path]:
         fail(str(e))
     try:
         check_url(settings.db)
+        check_journal_dir(settings.journal_path)
     except StorageError as e:
+        fail(str(e))
+    try:
+        if settings.auth_tokens is not None:
+            read_tokens(settings.auth_tokens)
+    except TokenFileError as e:
+        fail(str(e))
+    try:
+        server_credentials(settings)
+    except TlsError as e:
         fail(str(e))
     metrics_host = settings.metrics_host or settings.host
     if settings.port and settings.port == settings.metrics_port and metrics_host == settings.host:

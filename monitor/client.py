@@ -25,6 +25,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 
 import grpc
 from google.protobuf.json_format import MessageToDict
@@ -32,6 +33,9 @@ from google.protobuf.json_format import MessageToDict
 from latentwatch.v1 import monitor_pb2 as pb
 from latentwatch.v1 import monitor_pb2_grpc as pb_grpc
 from monitor import enums
+from monitor.tls import channel_credentials
+
+PemFile = str | Path | None
 
 
 def _inverse(table: Mapping[str, int]) -> dict[int, str]:
@@ -381,13 +385,42 @@ def _last_summary(events) -> Summary:
 # ------------------------------------------------------------------------------ clients
 
 
+def _channel(api, target: str, ca: PemFile, cert: PemFile, key: PemFile):
+    """A channel from `api` (grpc or grpc.aio): TLS when any of the files is given, else plain text."""
+    if ca is None and cert is None and key is None:
+        return api.insecure_channel(target)
+    return api.secure_channel(target, channel_credentials(ca, cert, key))
+
+
+def _stub(channel, token: str | None) -> pb_grpc.MonitorStub:
+    """The service stub; with a token, each of its calls sends `authorization: Bearer <token>`."""
+    stub = pb_grpc.MonitorStub(channel)
+    if token:
+        bearer = (("authorization", f"Bearer {token}"),)
+        for name in pb.DESCRIPTOR.services_by_name["Monitor"].methods_by_name:
+            setattr(stub, name, _with_metadata(getattr(stub, name), bearer))
+    return stub
+
+
+def _with_metadata(method, extra):
+    def call(request, *, metadata=(), **kw):
+        return method(request, metadata=(*extra, *(metadata or ())), **kw)
+
+    return call
+
+
 class Client:
     """Blocking client. Errors surface as `grpc.RpcError` with the server's status and message;
-    malformed `policy_overrides` / `steering` arguments as ValueError before any call."""
+    malformed `policy_overrides` / `steering` arguments as ValueError before any call.
+    `token`: for a server with `auth_tokens`, sent as a bearer token on every call.
+    `tls_ca`, `tls_cert`, `tls_key`: PEM files; any of them makes the channel TLS, trusting `tls_ca`
+    (unset: the system's roots) and presenting `tls_cert` with `tls_key` to an mTLS server."""
 
-    def __init__(self, target: str = "127.0.0.1:50051", *, timeout: float | None = 60.0, channel=None):
-        self.channel = channel or grpc.insecure_channel(target)
-        self.stub = pb_grpc.MonitorStub(self.channel)
+    def __init__(self, target: str = "127.0.0.1:50051", *, timeout: float | None = 60.0, channel=None,
+                 token: str | None = None, tls_ca: PemFile = None, tls_cert: PemFile = None,
+                 tls_key: PemFile = None):
+        self.channel = channel or _channel(grpc, target, tls_ca, tls_cert, tls_key)
+        self.stub = _stub(self.channel, token)
         self.timeout = timeout
 
     def __enter__(self) -> Client:
@@ -438,9 +471,11 @@ class Client:
 class AsyncClient:
     """grpc.aio client with the same methods, awaitable (`generate` is an async iterator)."""
 
-    def __init__(self, target: str = "127.0.0.1:50051", *, timeout: float | None = 60.0, channel=None):
-        self.channel = channel or grpc.aio.insecure_channel(target)
-        self.stub = pb_grpc.MonitorStub(self.channel)
+    def __init__(self, target: str = "127.0.0.1:50051", *, timeout: float | None = 60.0, channel=None,
+                 token: str | None = None, tls_ca: PemFile = None, tls_cert: PemFile = None,
+                 tls_key: PemFile = None):
+        self.channel = channel or _channel(grpc.aio, target, tls_ca, tls_cert, tls_key)
+        self.stub = _stub(self.channel, token)
         self.timeout = timeout
 
     async def __aenter__(self) -> AsyncClient:

@@ -9,6 +9,7 @@ Unknown keys are errors everywhere, so a typo never silently falls back to a def
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import tomllib
@@ -28,8 +29,12 @@ class BatchSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    max_batch: int = Field(16, ge=1, le=1024, description="Most sequences in one forward pass.")
+    max_batch: int = Field(16, ge=1, le=1024, description="Most sequences in one forward pass (Generate: in flight).")
     max_wait_ms: float = Field(5.0, ge=0, le=10_000, description="How long the first request waits for company.")
+    max_queue: int = Field(
+        64, ge=0, le=100_000,
+        description="Requests admitted beyond max_batch to wait their turn; past that, RESOURCE_EXHAUSTED at once.",
+    )
 
 
 class DetectorPolicyConfig(BaseModel):
@@ -109,7 +114,8 @@ class Settings(BaseSettings):
     # --- network
     host: str = Field(
         "127.0.0.1",
-        description="gRPC bind address. Loopback by default (safe on a laptop); set 0.0.0.0 in a k8s sidecar.",
+        description="gRPC bind address. Loopback by default; any other (0.0.0.0 in a k8s pod) needs TLS and "
+        "client authentication, or `insecure`.",
     )
     port: int = Field(50051, ge=0, le=65535, description="gRPC port (0 = pick a free one).")
     metrics_host: str | None = Field(None, description="Metrics bind address; unset = same as host.")
@@ -119,8 +125,24 @@ class Settings(BaseSettings):
     max_message_bytes: int = Field(
         4 * 1024 * 1024, ge=1024, description="Largest gRPC message accepted or sent (RESOURCE_EXHAUSTED beyond)."
     )
-    grace_period_s: float = Field(
-        10.0, ge=0, description="On SIGTERM: how long in-flight requests may run before they are cancelled."
+    drain_seconds: float = Field(
+        30.0, ge=0, description="On SIGTERM: how long requests in flight may run before they are cancelled."
+    )
+    auth_tokens: Path | None = Field(
+        None, description="YAML token file (see monitor/auth.py); unset = no authentication."
+    )
+    tls_cert: Path | None = Field(
+        None,
+        description="PEM certificate chain: with tls_key, gRPC serves TLS only. Re-read when the file changes "
+        "and on SIGHUP; open connections keep the certificate they started with.",
+    )
+    tls_key: Path | None = Field(None, description="PEM private key (unencrypted) of tls_cert.")
+    tls_client_ca: Path | None = Field(
+        None, description="PEM CA bundle for mTLS: clients must present a certificate it signed. Needs tls_cert."
+    )
+    insecure: bool = Field(
+        False,
+        description="Serve a host beyond loopback without TLS or client authentication. Off: serve refuses to.",
     )
     # --- storage
     db: str = Field(
@@ -129,6 +151,20 @@ class Settings(BaseSettings):
     )
     text_policy: TextPolicy = Field(
         "alerts_only", description="Which prompt/completion texts are stored (hash always)."
+    )
+    journal_dir: Path | None = Field(
+        None,
+        description="Alert journal: every record is on disk here before a client hears of it, then copied into "
+        "`db` (held here while the database is down, written at the next start after a crash). Local disk, one "
+        "server per folder. Unset = `journal` beside a SQLite database, else data/journal.",
+    )
+    journal_max_bytes: int = Field(
+        1 << 30, ge=1 << 16, description="Most bytes the journal may hold: records the database has not taken yet."
+    )
+    journal_full: Literal["fail_closed", "fail_open"] = Field(
+        "fail_closed",
+        description="When the journal is full: fail_closed refuses new requests (UNAVAILABLE, health NOT_SERVING) "
+        "until there is room; fail_open serves on and drops the records it cannot keep (counted).",
     )
     # --- scheduling and limits
     score: BatchSettings = Field(default_factory=lambda: BatchSettings(max_batch=16, max_wait_ms=5))
@@ -140,7 +176,18 @@ class Settings(BaseSettings):
     )
     max_score_inputs: int = Field(256, ge=1, description="Most inputs in one Score request.")
     max_page_size: int = Field(1000, ge=1, le=1000, description="Cap on GetAlerts page_size.")
+    max_input_bytes: int = Field(
+        65_536, ge=1, description="Longest prompt / scored input in UTF-8 bytes, checked before tokenizing."
+    )
+    client_concurrency: dict[str, int] = Field(
+        default_factory=dict,
+        description="Most requests one client id may have admitted at once; key '*' applies to every client "
+        "(unlisted: no per-client limit).",
+    )
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_format: Literal["text", "json"] = Field(
+        "text", description="json: one object per line (time, level, request id, client id, RPC, outcome, latency)."
+    )
 
     @field_validator("max_new_tokens")
     @classmethod
@@ -153,6 +200,36 @@ class Settings(BaseSettings):
     @property
     def bind(self) -> str:
         return f"{self.host}:{self.port}"
+
+    @property
+    def journal_path(self) -> Path:
+        """`journal_dir`, or its default for `db`."""
+        if self.journal_dir is not None:
+            return self.journal_dir
+        from sqlalchemy.engine import make_url
+
+        try:
+            u = make_url(self.db)
+        except Exception:  # noqa: BLE001 - check_url says what is wrong with it
+            return DEFAULT_DATA_DIR / "journal"
+        sqlite_file = u.get_backend_name() == "sqlite" and u.database not in (None, "", ":memory:")
+        return Path(u.database).parent / "journal" if sqlite_file else DEFAULT_DATA_DIR / "journal"
+
+    @property
+    def unprotected(self) -> bool:
+        """gRPC would listen beyond loopback without TLS and client authentication (auth tokens or mTLS),
+        and `insecure` does not accept that risk: `latentwatch serve` refuses to start."""
+        authenticated = self.auth_tokens is not None or self.tls_client_ca is not None
+        return not (self.insecure or is_loopback(self.host) or (self.tls_cert is not None and authenticated))
+
+
+def is_loopback(host: str) -> bool:
+    """127.0.0.0/8, ::1 or localhost: reachable from this host only."""
+    host = host.strip("[]").lower()
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a name other than localhost may resolve anywhere
+        return False
 
 
 class _FileSource(PydanticBaseSettingsSource):

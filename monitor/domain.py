@@ -1,7 +1,7 @@
 """The vocabulary every layer shares, defined once.
 
 Config, the proto mapping, storage, metrics, the policy and the client all import these names;
-none of them spells an action, aggregation, hook point, request kind or outcome on its own.
+none of them spells an action, aggregation, hook point, request kind, outcome or role on its own.
 """
 
 from __future__ import annotations
@@ -98,6 +98,13 @@ STEERING_POSITIONS: tuple[str, ...] = get_args(SteeringPositions)
 
 TextPolicy = Literal["always", "alerts_only", "never"]
 TEXT_POLICIES: tuple[str, ...] = get_args(TextPolicy)
+
+# ------------------------------------------------------------------------- authentication
+
+# What a bearer token may do (monitor/auth.py): `generate` = Generate and Score; `audit` =
+# GetAlerts for its own client id, `audit:*` = for every client id; `admin` = ReloadDetectors,
+# policy overrides and client steering. (Not `ROLES`: monitor.enums.ROLES are chat roles.)
+AUTH_ROLES = ("generate", "audit", "audit:*", "admin")
 
 # Outcome labels of finished RPCs (metrics, logs): a bounded set.
 OUTCOMES = (

@@ -3,6 +3,9 @@
 `RequestError` (the request's fault, or a refusal) keeps its code and message; a body that did
 not parse is INVALID_ARGUMENT; anything else is logged with its traceback and answered INTERNAL
 with a generic message and the RPC's log reference, never the exception's text.
+
+With `authorize` (`monitor.auth.Auth.check`) every RPC of the services is authenticated before
+anything else, and its refusals (UNAUTHENTICATED, PERMISSION_DENIED) are outcomes like any other.
 """
 
 from __future__ import annotations
@@ -13,6 +16,8 @@ import contextvars
 import logging
 import time
 import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import grpc
 
@@ -21,8 +26,21 @@ from monitor.metrics import Metrics
 from monitor.wire import BadRequest
 
 log = logging.getLogger(__name__)
-# An RPC that succeeds may still end otherwise (a blocked generation): the servicer sets this.
-outcome: contextvars.ContextVar[list[str]] = contextvars.ContextVar("outcome")
+access = logging.getLogger("latentwatch.access")  # one line per RPC: never prompt text
+
+
+@dataclass
+class Call:
+    """What the access log and metrics say of one RPC. The servicer fills in what only it knows:
+    the request id, and an outcome other than ok for an RPC that succeeded (a blocked generation)."""
+
+    rpc: str
+    outcome: str = "ok"
+    request_id: str = ""
+    client_id: str = ""
+
+
+current: contextvars.ContextVar[Call] = contextvars.ContextVar("current_call")
 
 
 def _rpc_kind(method: str) -> str:
@@ -31,8 +49,9 @@ def _rpc_kind(method: str) -> str:
 
 
 class ErrorInterceptor(grpc.aio.ServerInterceptor):
-    def __init__(self, metrics: Metrics, services: tuple[str, ...]):
-        self.metrics, self.services = metrics, services
+    def __init__(self, metrics: Metrics, services: tuple[str, ...],
+                 authorize: Callable[[str, grpc.aio.ServicerContext], str] | None = None):
+        self.metrics, self.services, self.authorize = metrics, services, authorize
 
     async def intercept_service(self, continuation, details):
         handler = await continuation(details)
@@ -66,28 +85,37 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
 
     @contextlib.asynccontextmanager
     async def _rpc(self, kind: str, request, context):
-        t0, result = time.monotonic(), ["ok"]
-        outcome.set(result)
+        t0, call = time.monotonic(), Call(kind)
+        current.set(call)
         try:
+            client = self.authorize(kind, context) if self.authorize is not None else None
             _check(request)
+            call.client_id = request.metadata.client_id if request.DESCRIPTOR.fields_by_name.get("metadata") else ""
+            if client is not None:  # the token's client id, whatever the request says
+                call.client_id = client
             yield
         except asyncio.CancelledError:
-            result[0] = _cancelled(context)
+            call.outcome = _cancelled(context)
             raise
         except Exception as e:  # noqa: BLE001 - mapped to a status right here
-            await self._abort(kind, e, context, result)
+            await self._abort(kind, e, context, call)
         finally:
-            self.metrics.observe_request(kind, result[0], time.monotonic() - t0)
+            seconds = time.monotonic() - t0
+            self.metrics.observe_request(kind, call.outcome, seconds)
+            access.info("%s %s", kind, call.outcome, extra={"rpc": kind, "outcome": call.outcome,
+                                                           "request_id": call.request_id,
+                                                           "client_id": call.client_id,
+                                                           "latency_ms": round(1000 * seconds, 2)})
 
-    async def _abort(self, kind: str, e: Exception, context, result: list[str]) -> None:
+    async def _abort(self, kind: str, e: Exception, context, call: Call) -> None:
         if isinstance(e, grpc.aio.AbortError):
             raise e
         if isinstance(e, RequestError):
-            result[0] = e.code.lower()
+            call.outcome = e.code.lower()
             await context.abort(getattr(grpc.StatusCode, e.code), e.message)
         ref = uuid.uuid4().hex[:12]
         log.error("%s failed (ref %s)", kind, ref, exc_info=e)
-        result[0] = "internal"
+        call.outcome = "internal"
         await context.abort(grpc.StatusCode.INTERNAL, f"internal error (ref {ref}); the server log has the details")
 
 

@@ -14,6 +14,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from latentwatch.v1 import monitor_pb2 as pb
 from monitor.admission import ClientSteering, Override
+from monitor.auth import identity
 from monitor.config import Settings
 from monitor.domain import HookPointError
 from monitor.enums import ACTION, DETECTOR_KIND, INTERVENTION, POSITIONS, REQUEST_KIND, ROLES, STEERING_KIND
@@ -48,8 +49,15 @@ def when(ts: Timestamp, field: str) -> datetime:
 # ------------------------------------------------------------------------------ requests
 
 
+def client_id(md: pb.RequestMetadata) -> str:
+    """Who a request is from: with authentication on, its token's client id, whatever the
+    request says (so no caller records or acts as another client); else the id it gives."""
+    who = identity()
+    return who.client_id if who is not None else md.client_id
+
+
 def context(kind: str, md: pb.RequestMetadata, snapshot_version: str) -> RequestContext:
-    return RequestContext(kind, snapshot_version, client_id=md.client_id or None,
+    return RequestContext(kind, snapshot_version, client_id=client_id(md) or None,
                           conversation_id=md.conversation_id or None, tags=dict(md.tags))
 
 

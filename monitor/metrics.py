@@ -16,7 +16,7 @@ code should prefer the recording methods, which normalise label values.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 from prometheus_client import (
     CollectorRegistry,
@@ -24,7 +24,6 @@ from prometheus_client import (
     Gauge,
     Histogram,
 )
-from prometheus_client import start_http_server as _start_http_server
 
 from monitor.domain import ACTIONS, INTERVENTION_KINDS, OUTCOMES
 
@@ -37,7 +36,9 @@ NO_DETECTOR = "none"
 RPC_KINDS = ("generate", "score", "list_detectors", "get_alerts", "reload_detectors", "get_server_info")
 TOKEN_KINDS = ("prompt", "completion")
 BATCH_KINDS = ("generate", "score")
+REFUSAL_REASONS = ("busy", "client_limit", "deadline")
 FORWARD_KINDS = ("prefill", "decode", "score")
+AUTH_FAILURES = ("missing", "invalid", "forbidden")  # no token, a token not in the file, a role lacking
 ALERT_ACTIONS = tuple(ACTIONS)
 
 # Calibrated scores are in [0, 1]: 0.05, 0.10, ..., 1.0 (+Inf is implicit).
@@ -82,11 +83,20 @@ class Metrics:
     - ``monitor_step_overhead``: ``latentwatch_monitor_step_overhead_seconds``
     - ``scheduler_queue_depth``: ``latentwatch_scheduler_queue_depth`` gauge; kind
     - ``batch_size``: ``latentwatch_batch_size`` histogram; kind (generate/score)
-    - ``storage_queue_depth``: ``latentwatch_storage_queue_depth`` gauge
+    - ``storage_queue_depth``: ``latentwatch_storage_queue_depth`` gauge (records in the
+      journal, not yet in the database)
+    - ``storage_oldest_pending``: ``latentwatch_storage_oldest_pending_seconds`` gauge
+    - ``storage_journal_bytes``: ``latentwatch_storage_journal_bytes`` gauge
     - ``storage_write_failures``: ``latentwatch_storage_write_failures_total``
+    - ``storage_replayed``: ``latentwatch_storage_replayed_records_total``
+    - ``storage_dropped``: ``latentwatch_storage_dropped_records_total``
+    - ``storage_rejected``: ``latentwatch_storage_rejected_records_total``
     - ``forward_passes``: ``latentwatch_forward_passes_total``; kind
       (prefill/decode/score)
+    - ``admitted``: ``latentwatch_admitted_requests`` gauge; kind (generate/score)
+    - ``refused``: ``latentwatch_refused_requests_total``; kind, reason
     - ``snapshot``: ``latentwatch_detector_snapshot_info`` gauge (1); version
+    - ``auth_failures``: ``latentwatch_auth_failures_total``; reason (missing/invalid/forbidden)
     """
 
     def __init__(self, detectors: Iterable[str] = ()) -> None:
@@ -170,18 +180,55 @@ class Metrics:
         )
         self.storage_queue_depth = Gauge(
             PREFIX + "storage_queue_depth",
-            "Alert/intervention records waiting to be written.",
+            "Records in the alert journal that are not in the database yet.",
+            registry=r,
+        )
+        self.storage_oldest_pending = Gauge(
+            PREFIX + "storage_oldest_pending_seconds",
+            "Age of the oldest record not in the database yet (grows while the database is down).",
+            registry=r,
+        )
+        self.storage_journal_bytes = Gauge(
+            PREFIX + "storage_journal_bytes",
+            "Bytes the alert journal holds on disk (at journal_max_bytes it is full).",
             registry=r,
         )
         self.storage_write_failures = Counter(
             PREFIX + "storage_write_failures",
-            "Failed alert/intervention record writes.",
+            "Failed database writes; their records stay in the journal and are written again.",
+            registry=r,
+        )
+        self.storage_replayed = Counter(
+            PREFIX + "storage_replayed_records",
+            "Records an earlier run left in the journal, written at startup.",
+            registry=r,
+        )
+        self.storage_dropped = Counter(
+            PREFIX + "storage_dropped_records",
+            "Records dropped because the journal was full (journal_full = fail_open).",
+            registry=r,
+        )
+        self.storage_rejected = Counter(
+            PREFIX + "storage_rejected_records",
+            "Records the database refused for what they hold, kept in the journal's rejected.jsonl.",
             registry=r,
         )
         self.forward_passes = Counter(
             PREFIX + "forward_passes",
             "Model forward passes, by kind.",
             ["kind"],
+            registry=r,
+        )
+        self.admitted = Gauge(
+            PREFIX + "admitted_requests",
+            "Requests admitted and not yet finished (running or queued), by kind.",
+            ["kind"],
+            registry=r,
+        )
+        self.refused = Counter(
+            PREFIX + "refused_requests",
+            "Requests refused at admission, by kind and reason (busy, client_limit, deadline).",
+            ["kind", "reason"],
             registry=r,
         )
         self.snapshot = Gauge(
@@ -191,6 +238,12 @@ class Metrics:
             registry=r,
         )
         self._snapshot_version: str | None = None
+        self.auth_failures = Counter(
+            PREFIX + "auth_failures",
+            "Requests refused for their bearer token, by reason: missing, invalid, forbidden (a role lacking).",
+            ["reason"],
+            registry=r,
+        )
 
         # Create the fixed-label series up front so they read 0, not absent.
         for kind in RPC_KINDS:
@@ -202,8 +255,13 @@ class Metrics:
         for kind in BATCH_KINDS:
             self.scheduler_queue_depth.labels(kind)
             self.batch_size.labels(kind)
+            self.admitted.labels(kind)
+            for reason in REFUSAL_REASONS:
+                self.refused.labels(kind, reason)
         for kind in FORWARD_KINDS:
             self.forward_passes.labels(kind)
+        for reason in AUTH_FAILURES:
+            self.auth_failures.labels(reason)
         self.set_detectors(detectors)
 
     # -- detector label set -------------------------------------------------
@@ -232,6 +290,12 @@ class Metrics:
             self.detector_score.labels(det)
             for action in ALERT_ACTIONS:
                 self.alerts.labels(det, action)
+
+    def set_admitted(self, kind: str, count: int) -> None:
+        self.admitted.labels(_pick(kind, BATCH_KINDS)).set(count)
+
+    def record_refusal(self, kind: str, reason: str) -> None:
+        self.refused.labels(_pick(kind, BATCH_KINDS), _pick(reason, REFUSAL_REASONS)).inc()
 
     def set_snapshot(self, version: str) -> None:
         """Expose the snapshot now admitting requests; the previous one's series goes."""
@@ -307,11 +371,28 @@ class Metrics:
     def add_forward_passes(self, kind: str, count: int = 1) -> None:
         self.forward_passes.labels(_pick(kind, FORWARD_KINDS)).inc(count)
 
-    def set_storage_queue_depth(self, depth: int) -> None:
-        self.storage_queue_depth.set(depth)
+    def watch_storage(self, depth: Callable[[], float], oldest_pending_s: Callable[[], float],
+                      journal_bytes: Callable[[], float]) -> None:
+        """Read the journal's gauges from these at every scrape (they change on the writer thread)."""
+        self.storage_queue_depth.set_function(depth)
+        self.storage_oldest_pending.set_function(oldest_pending_s)
+        self.storage_journal_bytes.set_function(journal_bytes)
 
     def record_storage_write_failure(self, count: int = 1) -> None:
         self.storage_write_failures.inc(count)
+
+    def record_storage_replayed(self, count: int) -> None:
+        self.storage_replayed.inc(count)
+
+    def record_storage_drop(self) -> None:
+        self.storage_dropped.inc()
+
+    def record_storage_reject(self) -> None:
+        self.storage_rejected.inc()
+
+    def record_auth_failure(self, reason: str) -> None:
+        """Count a refused request: never with the token, which is no label value."""
+        self.auth_failures.labels(_pick(reason, AUTH_FAILURES)).inc()
 
     # -- reading / serving --------------------------------------------------
 
@@ -319,11 +400,3 @@ class Metrics:
         """A sample's current value by its exposed name, e.g.
         ``value("latentwatch_forward_passes_total", {"kind": "score"})``."""
         return self.registry.get_sample_value(name, dict(labels or {}))
-
-    def start_http_server(self, port: int, addr: str = "0.0.0.0"):
-        """Serve this registry at http://addr:port/metrics on a daemon thread.
-
-        ``port=0`` binds a free port. Returns ``(server, thread)``; the bound
-        port is ``server.server_address[1]``; stop with ``server.shutdown()``.
-        """
-        return _start_http_server(port, addr=addr, registry=self.registry)

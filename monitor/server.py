@@ -24,21 +24,23 @@ from pydantic import ValidationError
 
 from latentwatch.v1 import monitor_pb2 as pb
 from latentwatch.v1 import monitor_pb2_grpc as pb_grpc
-from monitor import mapping
+from monitor import http, mapping, tls
 from monitor.admission import apply_overrides, check_steering
+from monitor.auth import Auth, alerts_client
 from monitor.config import Settings
 from monitor.decisions import decide
 from monitor.domain import END_OUTCOME
 from monitor.errors import RequestError
 from monitor.grpc_services import add_health_and_reflection
-from monitor.interceptor import ErrorInterceptor, outcome
+from monitor.interceptor import ErrorInterceptor, current
+from monitor.limits import Admission
 from monitor.metrics import Metrics
 from monitor.runner import Encoded, InputError, InputTooLong, ModelRunner
 from monitor.scheduler import Scheduler
 from monitor.snapshot import Snapshot, build_snapshot
 from monitor.storage import StorageUnavailable, StorageWriter, get_alerts
 from monitor.streams import GenerateJob, GenerateStream
-from monitor.trail import Trail
+from monitor.trail import Trail, open_writer
 from monitor.wire import add_service
 
 log = logging.getLogger(__name__)
@@ -62,6 +64,8 @@ class MonitorService(pb_grpc.MonitorServicer):
                                    gen_wait_ms=settings.generate.max_wait_ms)
         self.tokenizer_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="latentwatch-tokenize")
         self.draining = False
+        self.admission = Admission(settings, self.metrics)
+        self.streams: dict[GenerateJob, GenerateStream] = {}  # Generate requests in flight
         self._reloading = asyncio.Lock()
 
     def _install(self, snapshot: Snapshot) -> None:
@@ -74,6 +78,11 @@ class MonitorService(pb_grpc.MonitorServicer):
     # RPCs ---------------------------------------------------------------------------
     async def Score(self, request: pb.ScoreRequest, context) -> pb.ScoreResponse:
         self._refuse_if_draining()
+        self._refuse_if_journal_full()
+        with self.admission.slot("score", mapping.client_id(request.metadata), context):
+            return await self._score(request, context)
+
+    async def _score(self, request: pb.ScoreRequest, context) -> pb.ScoreResponse:
         snap = self.snapshot
         reported = snap.select(list(request.detectors))
         if not request.inputs:
@@ -85,6 +94,7 @@ class MonitorService(pb_grpc.MonitorServicer):
             raise RequestError("FAILED_PRECONDITION", "detectors: no detectors are loaded on this server")
         items = [await self._score_input(i, inp, snap) for i, inp in enumerate(request.inputs)]
         ctx = mapping.context("score", request.metadata, snap.version)
+        current.get().request_id = ctx.request_id
         self.trail.request(ctx)
         results = await asyncio.wrap_future(self.scheduler.submit_score(items, snap.bank))
         resp = pb.ScoreResponse(request_id=ctx.request_id, snapshot_version=snap.version)
@@ -110,11 +120,17 @@ class MonitorService(pb_grpc.MonitorServicer):
 
     async def Generate(self, request: pb.GenerateRequest, context):
         self._refuse_if_draining()
+        self._refuse_if_journal_full()
+        with self.admission.slot("generate", mapping.client_id(request.metadata), context):
+            async for msg in self._generate(request, context):
+                yield msg
+
+    async def _generate(self, request: pb.GenerateRequest, context):
         if bool(request.messages) == bool(request.prompt):
             raise RequestError("INVALID_ARGUMENT", "messages: set exactly one of messages or prompt")
         snap = self.snapshot
         shown = {r.id for r in snap.select(list(request.detectors))}
-        client = request.metadata.client_id
+        client = mapping.client_id(request.metadata)
         overrides = mapping.overrides(request)
         rules = apply_overrides(snap, client, overrides)
         sampling = mapping.sampling(request, self.settings)
@@ -129,7 +145,9 @@ class MonitorService(pb_grpc.MonitorServicer):
                                                      f"({sampling.max_new_tokens}) exceeds the model's context of "
                                                      f"{self.runner.max_length} tokens")
         remaining = context.time_remaining()
+        self.admission.check_deadline("generate", remaining)
         ctx = mapping.context("generate", request.metadata, snap.version)
+        current.get().request_id = ctx.request_id
         stream = GenerateStream(ctx, self.trail, encoded=enc, reported=[r for r in rules if r.id in shown],
                                 include_scores=request.include_token_scores, loop=asyncio.get_running_loop())
         job = GenerateJob(enc, sampling, snap, rules, steering,
@@ -137,6 +155,7 @@ class MonitorService(pb_grpc.MonitorServicer):
         self.trail.request(ctx, prompt_tokens=len(enc), prompt_text=enc.text)  # the row exists from admission
         admitted = self.trail.overrides(ctx, overrides) + self.trail.client_steering(ctx, steering)
         self.scheduler.submit_generate(job)
+        self.streams[job] = stream
         try:
             for rec in admitted:
                 yield pb.GenerateResponse(intervention=mapping.intervention(rec, stream.md))
@@ -145,8 +164,9 @@ class MonitorService(pb_grpc.MonitorServicer):
                     raise item
                 for msg in item:
                     yield msg
-            outcome.get()[0] = END_OUTCOME.get(stream.reason, "internal")
+            current.get().outcome = END_OUTCOME.get(stream.reason, "internal")
         finally:
+            self.streams.pop(job, None)
             job.cancel()  # a no-op once it ended; else its row leaves the batch before the next step
 
     async def ListDetectors(self, request, context) -> pb.ListDetectorsResponse:
@@ -177,11 +197,12 @@ class MonitorService(pb_grpc.MonitorServicer):
         until = mapping.when(request.end_time, "end_time") if request.HasField("end_time") else None
         if since and until and until <= since:
             raise RequestError("INVALID_ARGUMENT", "end_time: must be after start_time")
+        client = alerts_client(request.client_id)  # an `audit` token sees its own client's alerts only
 
         def query():
             self.writer.flush(5.0)  # read your own writes
             return get_alerts(self.writer.engine, since=since, until=until, detector_id=request.detector_id or None,
-                              request_id=request.request_id or None, client_id=request.client_id or None,
+                              request_id=request.request_id or None, client_id=client or None,
                               page_size=size, page_token=request.page_token or None)
 
         try:
@@ -201,9 +222,19 @@ class MonitorService(pb_grpc.MonitorServicer):
                                         server_version=importlib.metadata.version("latentwatch"))
 
     # helpers ------------------------------------------------------------------------
+    def cut_streams(self) -> None:
+        """Shutdown: cancel every generation still running; each ends UNAVAILABLE with its records written."""
+        for job, stream in list(self.streams.items()):
+            stream.cut_by_shutdown = True
+            job.cancel()
+
     def _refuse_if_draining(self) -> None:
         if self.draining:
             raise RequestError("UNAVAILABLE", "server is shutting down; retry on another replica")
+
+    def _refuse_if_journal_full(self) -> None:
+        if self.writer is not None and not self.writer.accepting:  # fail_closed: no alert that is not kept
+            raise RequestError("UNAVAILABLE", self.writer.refusal)
 
     async def _score_input(self, i: int, inp: pb.ScoreInput, snap: Snapshot) -> Encoded:
         if bool(inp.text) == bool(inp.messages):
@@ -213,6 +244,10 @@ class MonitorService(pb_grpc.MonitorServicer):
         return await self._encode(f"inputs[{i}]", messages=mapping.messages(inp.messages, f"inputs[{i}].messages"))
 
     async def _encode(self, field: str, *, text=None, messages=None, chat=False) -> Encoded:
+        size = len(text.encode()) if text is not None else sum(len(m["content"].encode()) for m in messages)
+        if size > self.settings.max_input_bytes:  # before tokenizing: a huge input never holds up small ones
+            raise RequestError("RESOURCE_EXHAUSTED",
+                               f"{field}: {size} bytes exceeds max_input_bytes={self.settings.max_input_bytes}")
         loop = asyncio.get_running_loop()
         try:
             enc = await loop.run_in_executor(self.tokenizer_pool,
@@ -234,18 +269,18 @@ class Server:
                  reload_settings: Callable[[], Settings] | None = None):
         self.settings = settings
         self.metrics = metrics or Metrics()
-        self.writer = StorageWriter(settings.db, text_policy=settings.text_policy,
-                                    on_failure=lambda exc, n: self.metrics.record_storage_write_failure(n))
-        self.writer.start()
+        self.auth = Auth(settings.auth_tokens, self.metrics) if settings.auth_tokens is not None else None
+        self.writer = open_writer(settings, self.metrics)  # replays what the journal holds first
         self.service = MonitorService(settings, runner, metrics=self.metrics, writer=self.writer,
                                       reload_settings=reload_settings)
         opts = [("grpc.max_receive_message_length", settings.max_message_bytes),
                 ("grpc.max_send_message_length", settings.max_message_bytes),
                 ("grpc.so_reuseport", 0)]
-        self.grpc = grpc.aio.server(options=opts, interceptors=[ErrorInterceptor(self.metrics, (SERVICE.full_name,))])
+        interceptor = ErrorInterceptor(self.metrics, (SERVICE.full_name,), self.auth.check if self.auth else None)
+        self.grpc = grpc.aio.server(options=opts, interceptors=[interceptor])
         add_service(self.service, self.grpc, SERVICE)
         self.health = add_health_and_reflection(self.grpc, [SERVICE.full_name])
-        self.port = self.grpc.add_insecure_port(settings.bind)
+        self.port = tls.add_port(self.grpc, settings)  # TLS (mTLS) when settings.tls_cert is set
         if self.port == 0:
             raise RuntimeError(f"could not bind gRPC to {settings.bind}")
         self.metrics_port: int | None = None
@@ -256,31 +291,62 @@ class Server:
         self.service.scheduler.start()
         await self.grpc.start()
         if self.settings.metrics_port is not None:
-            self._http, _ = self.metrics.start_http_server(self.settings.metrics_port,
-                                                           addr=self.settings.metrics_host or self.settings.host)
+            self._http = http.start(self.metrics, self.settings.metrics_host or self.settings.host,
+                                    self.settings.metrics_port, self.not_ready)
             self.metrics_port = self._http.server_address[1]
         for name in ("", SERVICE.full_name):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        loop = asyncio.get_running_loop()
+        self.writer.on_accepting = lambda _: loop.call_soon_threadsafe(asyncio.ensure_future, self._follow_journal())
         return self
 
-    async def stop(self, grace: float | None = None, drain: float = 0.0) -> None:
-        """NOT_SERVING, refuse new work for `drain` s, let in-flight RPCs run `grace` s, flush storage."""
+    async def _follow_journal(self) -> None:
+        """Health follows the alert journal: NOT_SERVING while it is full (fail_closed), SERVING
+        once it has room again, unless shutting down."""
+        status = health_pb2.HealthCheckResponse.SERVING if self.writer.accepting else \
+            health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in ("", SERVICE.full_name):
+            if not self._stopped.is_set():
+                await self.health.set(name, status)
+
+    async def stop(self, drain: float | None = None, linger: float = 0.0) -> None:
+        """Shut down without losing work: NOT_SERVING and refuse new requests at once; let requests
+        in flight finish for up to `drain` s (default `drain_seconds`), staying NOT_SERVING at
+        least `linger` s so load balancers notice; cancel what is left (each stream ends
+        UNAVAILABLE, its records written); then stop the model thread and flush storage."""
         if self._stopped.is_set():
             return
         self._stopped.set()
-        grace = self.settings.grace_period_s if grace is None else grace
-        self.service.draining = True
+        drain = self.settings.drain_seconds if drain is None else drain
+        service, t0 = self.service, time.monotonic()
+        service.draining = True
         for name in ("", SERVICE.full_name):
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-        if drain:
-            await asyncio.sleep(drain)
-        await self.grpc.stop(grace)
-        await asyncio.to_thread(self.service.scheduler.stop, 30.0)
+        while service.admission.total and time.monotonic() < t0 + drain:
+            await asyncio.sleep(0.02)
+        if service.admission.total:
+            log.warning("drain of %.1f s over: cancelling %d requests in flight", drain, service.admission.total)
+            service.cut_streams()
+            while service.admission.total and time.monotonic() < t0 + drain + 10:
+                await asyncio.sleep(0.02)
+        await asyncio.sleep(max(0.0, t0 + linger - time.monotonic()))
+        await self.grpc.stop(1.0)
+        await asyncio.to_thread(service.scheduler.stop, 30.0)
         await asyncio.sleep(0)  # let the model thread's last deliveries run on this loop
-        self.service.tokenizer_pool.shutdown(wait=False)
+        service.tokenizer_pool.shutdown(wait=False)
         await asyncio.to_thread(self.writer.close, 30.0)
         if self._http is not None:
             self._http.shutdown()
+
+    def not_ready(self) -> str | None:
+        """Why this replica should get no traffic now, or None (`/readyz`)."""
+        if self._stopped.is_set() or self.service.draining:
+            return "shutting down"
+        if not self.writer.accepting:
+            return "the alert journal is full"
+        if self.service.snapshot.bank is None:
+            return "no detectors are loaded"
+        return None
 
     async def wait(self) -> None:
         await self.grpc.wait_for_termination()
@@ -297,11 +363,13 @@ async def serve(settings: Settings, *, on_ready: Callable[[Server], None] | None
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    if settings.tls_cert is not None:
+        loop.add_signal_handler(signal.SIGHUP, tls.reload_certificates)
     if on_ready is not None:
         on_ready(server)
     await stop.wait()
-    log.info("shutting down: draining, then up to %.1f s for in-flight requests", settings.grace_period_s)
-    await server.stop(drain=min(1.0, settings.grace_period_s))
+    log.info("shutting down: up to %.1f s for requests in flight", settings.drain_seconds)
+    await server.stop(linger=min(1.0, settings.drain_seconds))
 
 
 __all__ = ["MonitorService", "Server", "serve"]

@@ -73,6 +73,7 @@ class GenerateStream:
         self.reason: str | None = None
         self.started = time.monotonic()
         self.last_token: float | None = None
+        self.cut_by_shutdown = False  # set when shutdown cancels the request
 
     def deliver(self, item: tuple) -> None:
         """Called on the model thread; the work happens on the loop."""
@@ -87,6 +88,9 @@ class GenerateStream:
                 self._token(item[1], item[2])
             else:
                 self._end(item[1], item[2])
+        except RequestError as e:  # the alert journal is full: no event the trail could not keep
+            self.queue.put_nowait(e)
+            self.queue.put_nowait(None)
         except Exception:  # noqa: BLE001 - the stream must end, not hang until its deadline
             log.exception("generate stream failed")
             self.queue.put_nowait(RuntimeError("generate stream failed"))
@@ -147,6 +151,10 @@ class GenerateStream:
             self.queue.put_nowait([pb.GenerateResponse(summary=summary)])
         elif reason == "error":
             self.queue.put_nowait(RuntimeError("generation failed"))
+        elif reason == "cancelled" and self.cut_by_shutdown:
+            self.queue.put_nowait(RequestError(
+                "UNAVAILABLE", f"server shut down before this generation finished ({self.completion_tokens} tokens "
+                               "streamed); retry on another replica"))
         elif reason == "deadline_exceeded":
             self.queue.put_nowait(RequestError("DEADLINE_EXCEEDED", "deadline exceeded during generation"))
         self.queue.put_nowait(None)

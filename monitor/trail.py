@@ -1,8 +1,9 @@
 """The decision trail: every request, alert and intervention as a storage record plus metrics.
 
 The servicer hands this module domain objects (decisions, overrides, steering) on the event
-loop, never on the model thread; records go to the storage writer's queue, metrics to
-`Metrics`. Ids are made here, so the id streamed to a client is the id that is stored.
+loop, never on the model thread; records go to the storage writer's journal (on disk before
+the client is told), metrics to `Metrics`. Ids are made here, so the id streamed to a client
+is the id that is stored.
 """
 
 from __future__ import annotations
@@ -13,11 +14,20 @@ from datetime import UTC, datetime
 from typing import Any
 
 from monitor.admission import ClientSteering, Override
+from monitor.config import Settings
 from monitor.decisions import Decision
+from monitor.errors import RequestError
 from monitor.metrics import Metrics
 from monitor.snapshot import Rule
 from monitor.steering import Steering
-from monitor.storage import AlertRecord, DetectorRecord, InterventionRecord, RequestRecord, StorageWriter
+from monitor.storage import (
+    AlertRecord,
+    DetectorRecord,
+    InterventionRecord,
+    RequestRecord,
+    StorageFull,
+    StorageWriter,
+)
 
 
 @dataclass
@@ -33,14 +43,35 @@ class RequestContext:
     created_at: datetime = field(default_factory=lambda: datetime.now(UTC))
 
 
+def open_writer(settings: Settings, metrics: Metrics) -> StorageWriter:
+    """The storage writer `settings` ask for, counted in `metrics`; started, so what an earlier
+    run left in the journal is in the database when this returns."""
+    writer = StorageWriter(settings.db, text_policy=settings.text_policy, journal_dir=settings.journal_path,
+                           journal_max_bytes=settings.journal_max_bytes, journal_full=settings.journal_full,
+                           on_failure=lambda exc, n: metrics.record_storage_write_failure(),
+                           on_drop=lambda rec: metrics.record_storage_drop(),
+                           on_reject=lambda rec, exc: metrics.record_storage_reject())
+    metrics.watch_storage(lambda: writer.depth, lambda: writer.oldest_pending_s, lambda: writer.journal_bytes)
+    try:
+        writer.start()
+    except Exception:
+        writer.close()  # lets go of the journal folder
+        raise
+    metrics.record_storage_replayed(writer.replayed)
+    return writer
+
+
 class Trail:
     def __init__(self, writer: StorageWriter | None, metrics: Metrics, model_id: str):
         self.writer, self.metrics, self.model_id = writer, metrics, model_id
 
     def submit(self, rec) -> None:
+        """Journal `rec` before anyone hears of it; a full journal (fail_closed) fails the request."""
         if self.writer is not None:
-            self.writer.submit(rec)
-            self.metrics.set_storage_queue_depth(self.writer.queue_depth)
+            try:
+                self.writer.submit(rec)
+            except StorageFull as e:
+                raise RequestError("UNAVAILABLE", str(e)) from None
 
     def request(self, ctx: RequestContext, **fields: Any) -> None:
         """The request's row: at admission (so alerts are never orphaned), again when it ends."""

@@ -1,7 +1,7 @@
 """Re-record the activation tapes that tests/probes/test_shipped_packs.py replays.
 
 Run it after retraining a shipped pack or changing its recipe, on CPU (the test compares the tape
-with what the model gives on CPU in float32). About 10 minutes on 2 cores; writes
+with what the model gives on CPU in float32). About 20 minutes on 2 cores; writes
 tests/probes/fixtures/shipped_packs/<pack_id>.{json,safetensors}.
 
     .venv/bin/python scripts/make-pack-fixtures.py [PACK_ID ...]

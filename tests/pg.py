@@ -8,6 +8,8 @@ by the Debian ``postgresql`` package) through ``runuser``.
 
     with PostgresServer() as pg:
         url = pg.create_database("mydb")   # postgresql+psycopg://postgres@127.0.0.1:PORT/mydb
+        pg.pause()                         # an outage: stopped, data and port kept
+        pg.resume()
 """
 
 from __future__ import annotations
@@ -73,6 +75,7 @@ class PostgresServer:
         self.datadir = self.root / "data"
         self.logfile = self.root / "server.log"
         self.port: int | None = None
+        self._opts = ""
         self._started = False
 
     # ---------------------------------------------------------------- helpers
@@ -138,21 +141,34 @@ class PostgresServer:
                 ]
             )
             try:
-                self._run(
-                    str(self.bindir / "pg_ctl"),
-                    "start", "-w", "-t", "60",
-                    "-D", str(self.datadir),
-                    "-l", str(self.logfile),
-                    "-o", opts,
-                )  # fmt: skip
+                self._pg_ctl_start(opts)
             except PostgresUnavailable as exc:
                 last_error = exc
                 continue
+            self._opts = opts
             self._started = True
             atexit.register(self.stop)
             return self
         self.stop()
         raise PostgresUnavailable(f"PostgreSQL did not start: {last_error}")
+
+    def _pg_ctl_start(self, opts: str) -> None:
+        self._run(
+            str(self.bindir / "pg_ctl"),
+            "start", "-w", "-t", "60",
+            "-D", str(self.datadir),
+            "-l", str(self.logfile),
+            "-o", opts,
+        )  # fmt: skip
+
+    def pause(self) -> None:
+        """Stop the server as an outage would (`pg_ctl stop -m fast`: connections are cut); the
+        data and the port stay for :meth:`resume`."""
+        self._run(str(self.bindir / "pg_ctl"), "stop", "-w", "-D", str(self.datadir), "-m", "fast")
+
+    def resume(self) -> None:
+        """Start the server again after :meth:`pause`, on the same port."""
+        self._pg_ctl_start(self._opts)
 
     def stop(self) -> None:
         if self._started:

@@ -2,7 +2,9 @@
 loaded detector.
 
 The service builds plain records (:mod:`monitor.storage.records`) and hands them to a
-:class:`StorageWriter`, which writes them in batches from a background thread. Reads go
+:class:`StorageWriter`, which appends each to a local journal (:mod:`monitor.storage.journal`,
+on disk before ``submit`` returns) and copies the journal into the database in batches from a
+background thread, retrying while the database is down. Reads go
 through :mod:`monitor.storage.queries` (a database that is down raises
 :class:`StorageUnavailable`). Supported databases: SQLite (default, WAL mode) and
 PostgreSQL through psycopg 3. The schema is managed by Alembic migrations shipped in this
@@ -14,6 +16,7 @@ from __future__ import annotations
 from monitor.domain import TextPolicy
 from monitor.storage.engine import (
     StorageError,
+    StorageFull,
     StorageUnavailable,
     alembic_config,
     check_url,
@@ -24,6 +27,7 @@ from monitor.storage.engine import (
     open_readonly,
     upgrade_database,
 )
+from monitor.storage.journal import check_journal_dir
 from monitor.storage.queries import (
     AlertRow,
     InterventionRow,
@@ -52,10 +56,12 @@ __all__ = [
     "RequestRecord",
     "RequestRow",
     "StorageError",
+    "StorageFull",
     "StorageUnavailable",
     "StorageWriter",
     "TextPolicy",
     "alembic_config",
+    "check_journal_dir",
     "check_url",
     "create_storage_engine",
     "get_alerts",

@@ -40,6 +40,11 @@ class StorageUnavailable(Exception):
         super().__init__("database unavailable; retry later")
 
 
+class StorageFull(Exception):
+    """A record could not be journaled (the journal is full, ``journal_full="fail_closed"``), so
+    nobody may be told of it: refuse the request. The message is meant for the client."""
+
+
 def mask_url(url: str | URL) -> str:
     """The URL as text with any password replaced by ``***`` (safe to log)."""
     try:

@@ -7,6 +7,7 @@ the caller (a programming error), not later inside a batch where it would poison
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import uuid
@@ -216,3 +217,27 @@ class DetectorRecord:
 
 Record = RequestRecord | AlertRecord | InterventionRecord | DetectorRecord
 RECORD_TYPES = (RequestRecord, AlertRecord, InterventionRecord, DetectorRecord)
+_TYPES = {cls.__name__: cls for cls in RECORD_TYPES}
+_TIMES = ("created_at", "finished_at", "loaded_at")
+
+
+def to_json(record: Record) -> tuple[str, dict[str, Any]]:
+    """``record`` as its type's name and JSON-ready fields (times in ISO 8601), for the journal."""
+    fields = {}
+    for f in dataclasses.fields(record):
+        v = getattr(record, f.name)
+        fields[f.name] = v.isoformat() if isinstance(v, datetime) else dict(v) if isinstance(v, Mapping) else v
+    return type(record).__name__, fields
+
+
+def from_json(kind: str, fields: Mapping[str, Any]) -> Record:
+    """The record :func:`to_json` described, validated again. ValueError when it describes none
+    (e.g. a journal written by a version whose records had other fields)."""
+    cls = _TYPES.get(kind)
+    if cls is None:
+        raise ValueError(f"unknown record type {kind!r}")
+    try:
+        return cls(**{k: datetime.fromisoformat(v) if k in _TIMES and v is not None else v
+                      for k, v in fields.items()})
+    except TypeError as exc:
+        raise ValueError(f"not a {kind}: {exc}") from None

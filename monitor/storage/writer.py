@@ -1,34 +1,43 @@
-"""Background batch writer: the token path calls :meth:`StorageWriter.submit`, nothing else.
+"""Background writer: records go into the journal at once, and from there into the database.
 
-``submit`` never blocks and never raises for database trouble: it puts the record on a
-bounded ``queue.Queue`` and returns. One daemon thread takes records off the queue and
-writes them in batches (up to ``batch_size`` records, or whatever arrived within
-``flush_interval_s``), each batch in one transaction.
+:meth:`StorageWriter.submit` appends the record to the :class:`~monitor.storage.journal.Journal`
+(on disk when it returns) and wakes one daemon thread, which reads the journal in order and
+writes batches (up to ``batch_size`` records, or whatever arrived within ``flush_interval_s``),
+each in one transaction, and commits them in the journal only after the database did. While
+the database is down nothing is dropped: the batch is retried with capped exponential backoff
+for as long as it takes and the journal holds what arrives meanwhile, across restarts too
+(:meth:`start` writes what an earlier process left before anything new).
 
-Loss accounting (nothing is lost silently):
+Accounting (nothing is lost silently):
 
-* queue full (or writer closed) -> the record is **dropped**: ``dropped`` counts it, a warning
-  is logged (rate-limited) and ``on_drop(record)`` is called;
-* a batch that still fails after ``retries`` retries with exponential backoff ->
-  ``write_failures`` (batches) and ``records_failed`` (records) count it, an error is logged
-  and ``on_failure(exc, n_records)`` is called; the thread carries on with the next batch.
-
-A clean :meth:`close` writes everything submitted before it, then stops.
+* journal full (``journal_max_bytes``): under ``journal_full="fail_closed"`` :meth:`submit`
+  raises :class:`StorageFull` and :attr:`accepting` is False until there is room again
+  (``on_accepting(bool)`` hears both); under ``"fail_open"`` the record is **dropped**:
+  ``dropped`` counts it, a warning is logged (rate-limited), ``on_drop(record)`` is called;
+* a failed write -> ``write_failures`` counts it and ``on_failure(exc, n_records)`` is
+  called; the records stay in the journal and the write is tried again;
+* a record the database refuses for what it holds (a DataError or IntegrityError, e.g. a
+  number beyond its column's range) goes to the journal's ``rejected.jsonl`` instead:
+  ``records_failed`` counts it, an error is logged, ``on_reject(record, exc)`` is called.
 """
 
 from __future__ import annotations
 
 import logging
-import queue
+import shutil
+import tempfile
 import threading
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
 
 from sqlalchemy.engine import URL, Connection, Engine
+from sqlalchemy.exc import DataError, IntegrityError
 
 from monitor.domain import TEXT_POLICIES, TextPolicy
-from monitor.storage.engine import mask_url, open_database
+from monitor.storage.engine import StorageFull, open_database
+from monitor.storage.journal import DEFAULT_MAX_BYTES, Entry, Journal, JournalFull
 from monitor.storage.models import Alert, Base, Detector, Intervention, Request
 from monitor.storage.records import (
     AlertRecord,
@@ -44,24 +53,31 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-_DROP_LOG_INTERVAL_S = 10.0
+_LOG_INTERVAL_S = 10.0
+_REFUSED = (DataError, IntegrityError)  # the record's own content: retrying cannot help
+_ABORT_WAIT_S = 15.0  # close() after its timeout: how long a write in progress may take to notice
+JournalFullPolicy = Literal["fail_closed", "fail_open"]
 
 
-class _Marker:
-    """Queued by flush()/close(): set once every record queued before it is handled."""
+class _Stopped(Exception):
+    """close() stopped waiting: the thread leaves what is not written in the journal."""
 
-    __slots__ = ("done", "stop")
 
-    def __init__(self, stop: bool = False) -> None:
-        self.done = threading.Event()
-        self.stop = stop
+def _reason(exc: BaseException) -> str:
+    """The driver's message only: SQLAlchemy's own text carries the SQL and its parameters."""
+    orig = getattr(exc, "orig", None) or exc
+    return f"{type(orig).__name__}: {(str(orig).splitlines() or [''])[0]}"
 
 
 class StorageWriter:
-    """Writes records to the database from one background thread, in batches.
+    """Writes records to the database from one background thread, through the journal.
 
     ``url`` may also be an existing :class:`~sqlalchemy.engine.Engine` (already migrated,
     e.g. from :func:`~monitor.storage.open_database`); the writer then does not dispose it.
+    ``journal_dir`` None journals into a temporary folder that :meth:`close` removes: that
+    survives a database outage but not a restart (for tools and tests). The journal is opened
+    here (StorageError when its folder cannot be used), so records may be submitted before
+    :meth:`start`.
     """
 
     def __init__(
@@ -70,31 +86,48 @@ class StorageWriter:
         text_policy: TextPolicy = "alerts_only",
         batch_size: int = 256,
         flush_interval_s: float = 0.2,
-        max_queue: int = 100_000,
         *,
-        retries: int = 3,
+        journal_dir: str | Path | None = None,
+        journal_max_bytes: int = DEFAULT_MAX_BYTES,
+        journal_full: JournalFullPolicy = "fail_closed",
         retry_backoff_s: float = 0.1,
+        max_backoff_s: float = 2.0,
+        replay_timeout_s: float = 60.0,
         on_failure: Callable[[BaseException, int], None] | None = None,
         on_drop: Callable[[Record], None] | None = None,
+        on_reject: Callable[[Record, BaseException], None] | None = None,
+        on_accepting: Callable[[bool], None] | None = None,
     ) -> None:
         if text_policy not in TEXT_POLICIES:
             raise ValueError(f"text_policy must be one of {TEXT_POLICIES}, got {text_policy!r}")
         if batch_size < 1:
             raise ValueError("batch_size must be >= 1")
-        if max_queue < 1:
-            raise ValueError("max_queue must be >= 1")
+        if journal_full not in ("fail_closed", "fail_open"):
+            raise ValueError(f"journal_full must be fail_closed or fail_open, got {journal_full!r}")
         self._url = url
         self.text_policy: TextPolicy = text_policy
         self.batch_size = batch_size
         self.flush_interval_s = flush_interval_s
-        self.retries = retries
+        self.journal_full: JournalFullPolicy = journal_full
         self.retry_backoff_s = retry_backoff_s
+        self.max_backoff_s = max_backoff_s
+        self.replay_timeout_s = replay_timeout_s
         self.on_failure = on_failure
         self.on_drop = on_drop
+        self.on_reject = on_reject
+        self.on_accepting = on_accepting
 
-        self._queue: queue.Queue[Record | _Marker] = queue.Queue(maxsize=max_queue)
-        self._lock = threading.Lock()  # guards _closed vs. enqueue, and the counters
+        self._tmpdir = None if journal_dir is not None else tempfile.mkdtemp(prefix="latentwatch-journal-")
+        self.journal = Journal(journal_dir or self._tmpdir, journal_max_bytes).open()
+        self._lock = threading.Lock()  # guards _closed vs. appends, the counters and the flags
+        self._wake = threading.Event()  # set by submit, flush and close
+        self._progress = threading.Condition()  # notified on every commit and failed write
+        self._urgent = 0  # flush() calls waiting: no batching delay
+        self._stopping = False
+        self._abort = threading.Event()
         self._closed = False
+        self._full = False
+        self._failing_since: float | None = None
         self._thread: threading.Thread | None = None
         self._engine: Engine | None = url if isinstance(url, Engine) else None
         self._owns_engine = not isinstance(url, Engine)
@@ -103,11 +136,13 @@ class StorageWriter:
         self._records_failed = 0
         self._written = 0
         self._last_drop_log = 0.0
+        self._last_retry_log = 0.0
 
     # ------------------------------------------------------------------ lifecycle
 
     def start(self) -> Self:
-        """Open the database (running migrations) and start the writer thread.
+        """Open the database (running migrations), start the writer thread, and write what an
+        earlier process left in the journal before returning (up to ``replay_timeout_s``).
 
         Raises :class:`~monitor.storage.StorageError` if the database cannot be opened, so a
         misconfigured service fails at startup rather than on the first alert.
@@ -123,6 +158,14 @@ class StorageWriter:
         with self._lock:
             self._thread = thread
         thread.start()
+        if self.replayed:
+            t0 = time.monotonic()
+            if self.flush(self.replay_timeout_s):
+                log.info("storage: wrote the %d records an earlier run left in the journal %s (%.1f s)",
+                         self.replayed, self.journal.folder, time.monotonic() - t0)
+            else:
+                log.warning("storage: %d records of an earlier run are still being written from the journal %s",
+                            self.depth, self.journal.folder)
         return self
 
     def __enter__(self) -> Self:
@@ -140,106 +183,169 @@ class StorageWriter:
     # ------------------------------------------------------------------ token path
 
     def submit(self, record: Record) -> bool:
-        """Queue ``record`` for writing. Never blocks, thread-safe.
+        """Append ``record`` to the journal; it is on disk when this returns. Thread-safe.
 
-        Returns False if the record was dropped (queue full, or writer closed).
+        Returns False if the record was dropped (writer closed, or journal full under
+        fail_open). Raises :class:`StorageFull` if the journal is full under fail_closed.
         """
         with self._lock:
-            if not self._closed:
+            closed = self._closed
+            if not closed:
                 try:
-                    self._queue.put_nowait(record)
+                    self.journal.append(record)
+                except JournalFull as exc:
+                    full = exc
+                else:
+                    self._wake.set()
                     return True
-                except queue.Full:
-                    reason = f"queue full ({self._queue.maxsize} records)"
-            else:
-                reason = "writer closed"
+        if closed:
+            return self._drop(record, "writer closed")
+        self._set_full(full)
+        if self.journal_full == "fail_closed":
+            raise StorageFull(self.refusal)
+        return self._drop(record, f"journal full: {full}")
+
+    def _drop(self, record: Record, reason: str) -> bool:
+        now = time.monotonic()
+        with self._lock:
             self._dropped += 1
             dropped = self._dropped
-            now = time.monotonic()
-            should_log = now - self._last_drop_log >= _DROP_LOG_INTERVAL_S
+            should_log = now - self._last_drop_log >= _LOG_INTERVAL_S
             if should_log:
                 self._last_drop_log = now
         if should_log:
-            log.warning(
-                "storage: DROPPED %s for request %s: %s; %d records dropped so far",
-                type(record).__name__,
-                getattr(record, "request_id", "-"),
-                reason,
-                dropped,
-            )
+            log.warning("storage: DROPPED %s for request %s: %s; %d records dropped so far",
+                        type(record).__name__, getattr(record, "request_id", "-"), reason, dropped)
         self._call(self.on_drop, record)
         return False
+
+    @property
+    def accepting(self) -> bool:
+        """False while the journal is full under fail_closed: admit no new requests."""
+        return not (self._full and self.journal_full == "fail_closed")
+
+    @property
+    def refusal(self) -> str:
+        """What a client is told while the journal is full (nothing internal: safe to send)."""
+        down = self.outage_s
+        why = f"the database has been unreachable for {down:.0f} s" if down else "the database is not keeping up"
+        return f"alert journal full: {why}; retry on another replica"
+
+    def _set_full(self, exc: JournalFull) -> None:
+        with self._lock:
+            was, self._full = self._full, True
+        if not was:
+            log.error("storage: the alert journal %s is full (%s): %s", self.journal.folder, exc,
+                      "refusing new requests" if self.journal_full == "fail_closed" else "DROPPING records")
+            if self.journal_full == "fail_closed":
+                self._call(self.on_accepting, False)
+
+    def _check_room(self) -> None:
+        """Full no more once a segment's worth is free (or nothing is pending)."""
+        j = self.journal
+        with self._lock:
+            room = self._full and (j.free_bytes >= j.segment_bytes or not j.depth)
+            if room:
+                self._full = False
+        if room:
+            log.info("storage: the alert journal %s has room again", j.folder)
+            if self.journal_full == "fail_closed":
+                self._call(self.on_accepting, True)
 
     # ------------------------------------------------------------------ shutdown / sync
 
     def flush(self, timeout: float | None = None) -> bool:
-        """Wait until every record submitted before this call has been handled (written, or
-        counted as failed). Returns False if that did not happen within ``timeout``."""
+        """Wait until every record submitted before this call is in the database. Returns False
+        after ``timeout``, and at once while writes are failing (the records are safe in the
+        journal, and waiting would not bring the database back)."""
         thread = self._thread
         if thread is None or not thread.is_alive():
             raise RuntimeError("StorageWriter not running (call start())")
-        marker = _Marker()
-        deadline = None if timeout is None else time.monotonic() + timeout
-        try:
-            self._queue.put(marker, timeout=timeout)
-        except queue.Full:
-            return False
-        remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
-        return marker.done.wait(remaining)
+        target = self.journal.last_seq
+        with self._progress:
+            self._urgent += 1
+            self._wake.set()
+            try:
+                self._progress.wait_for(
+                    lambda: self.journal.done_seq >= target or self._failing_since is not None
+                    or not thread.is_alive(), timeout)
+            finally:
+                self._urgent -= 1
+        return self.journal.done_seq >= target
 
     def close(self, timeout: float | None = None) -> bool:
-        """Write everything submitted so far, then stop the thread (and dispose the engine if
-        the writer created it). Later submits are dropped. Returns False if draining did not
-        finish within ``timeout`` (the daemon thread keeps draining in the background)."""
+        """Write what the journal holds, then stop the thread (and dispose the engine if the writer
+        created it). Later submits are dropped. Returns False if that did not finish within
+        ``timeout``, or while writes are failing: what is left stays in the journal, and the
+        next start writes it."""
         with self._lock:
-            already = self._closed
+            if self._closed:
+                return self.journal.depth == 0
             self._closed = True
             thread = self._thread
-        if thread is None:
-            pending = self._queue.qsize()
-            if pending and not already:
-                with self._lock:
-                    self._dropped += pending
-                log.error("storage: writer closed before start(); %d records DROPPED", pending)
-            return True
-        deadline = None if timeout is None else time.monotonic() + timeout
-        if not already:
-            try:
-                self._queue.put(_Marker(stop=True), timeout=timeout)
-            except queue.Full:
-                log.error(
-                    "storage: close() timed out; %d records not yet written", self._queue.qsize()
-                )
-                return False
-        remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
-        thread.join(remaining)
-        if thread.is_alive():
-            log.error("storage: close() timed out; %d records not yet written", self._queue.qsize())
-            return False
+        if thread is not None:
+            self._stopping = True
+            self._wake.set()
+            deadline = None if timeout is None else time.monotonic() + timeout
+            while thread.is_alive() and self._failing_since is None:
+                thread.join(0.1 if deadline is None else max(0.0, min(0.1, deadline - time.monotonic())))
+                if deadline is not None and time.monotonic() >= deadline:
+                    break
+            self._abort.set()
+            thread.join(_ABORT_WAIT_S)
+        left = self.journal.depth
+        if left:
+            log.warning("storage: %d records are not in the database yet; they stay in the journal %s%s", left,
+                        self.journal.folder, " (temporary: LOST)" if self._tmpdir else " for the next start")
+        if thread is not None and thread.is_alive():
+            return False  # a write still in progress keeps the journal and the engine
+        self.journal.close()
         if self._owns_engine and self._engine is not None:
             self._engine.dispose()
-        return True
+        if self._tmpdir:
+            shutil.rmtree(self._tmpdir, ignore_errors=True)
+        return not left
 
     # ------------------------------------------------------------------ observability
 
     @property
-    def queue_depth(self) -> int:
-        """Records (and flush markers) waiting to be written."""
-        return self._queue.qsize()
+    def depth(self) -> int:
+        """Records in the journal, not yet in the database."""
+        return self.journal.depth
+
+    @property
+    def oldest_pending_s(self) -> float:
+        """Age of the oldest record not yet in the database (0 when there is none)."""
+        return self.journal.oldest_age_s
+
+    @property
+    def journal_bytes(self) -> int:
+        return self.journal.size_bytes
+
+    @property
+    def replayed(self) -> int:
+        """Records an earlier process left in the journal, written by :meth:`start`."""
+        return self.journal.replayed
+
+    @property
+    def outage_s(self) -> float:
+        """How long writes have been failing (0 while they succeed)."""
+        since = self._failing_since
+        return 0.0 if since is None else time.monotonic() - since
 
     @property
     def write_failures(self) -> int:
-        """Batches given up on after all retries."""
+        """Write attempts that failed (their records stayed in the journal)."""
         return self._write_failures
 
     @property
     def records_failed(self) -> int:
-        """Records in those batches (lost)."""
+        """Records the database refused, kept in the journal's ``rejected.jsonl``."""
         return self._records_failed
 
     @property
     def dropped(self) -> int:
-        """Records refused by ``submit`` (queue full or writer closed)."""
+        """Records refused by ``submit`` (writer closed, or journal full under fail_open)."""
         return self._dropped
 
     @property
@@ -254,92 +360,110 @@ class StorageWriter:
     # ------------------------------------------------------------------ writer thread
 
     def _run(self) -> None:
-        stop = False
-        while not stop:
-            batch: list[Record] = []
-            markers: list[_Marker] = []
+        while True:
             try:
-                stop = self._collect(batch, markers)
-                if stop:  # submits racing close() may sit behind the stop marker
-                    self._drain_nowait(batch, markers)
-                for i in range(0, len(batch), self.batch_size):
-                    self._write_with_retry(batch[i : i + self.batch_size])
-            except Exception:  # never let the thread die
-                log.exception("storage: unexpected error in writer thread")
+                batch = self._collect()
+                if batch is None:
+                    break
+                self._write(batch)
+                self.journal.commit(batch)
+                self._check_room()
+            except _Stopped:
+                break
+            except Exception:  # never let the thread die: what is not committed stays in the journal
+                log.exception("storage: unexpected error in the writer thread")
+                if self._abort.wait(self.max_backoff_s):
+                    break
             finally:
-                for m in markers:
-                    m.done.set()
+                with self._progress:
+                    self._progress.notify_all()
         log.debug("storage: writer thread stopped")
 
-    def _collect(self, batch: list[Record], markers: list[_Marker]) -> bool:
-        """Fill ``batch`` (blocking for the first item). True when a stop marker was seen."""
-        item = self._queue.get()
+    def _collect(self) -> list[Entry] | None:
+        """The next batch: wait for a first entry, then up to ``flush_interval_s`` for a full
+        batch unless a flush or close is waiting. None once closing with nothing left, or
+        when close() stopped waiting."""
+        while not self._abort.is_set():
+            self._wake.clear()
+            batch = self.journal.read(self.batch_size)
+            if batch:
+                break
+            if self._stopping:
+                return None
+            self._check_room()
+            self._wake.wait(1.0)
+        else:
+            return None
         deadline = time.monotonic() + self.flush_interval_s
-        while True:
-            if isinstance(item, _Marker):
-                markers.append(item)
-                return item.stop  # flush/close requested: write what we have now
-            batch.append(item)
-            if len(batch) >= self.batch_size:
-                return False
+        while len(batch) < self.batch_size and not (self._urgent or self._stopping):
             remaining = deadline - time.monotonic()
-            try:
-                item = (
-                    self._queue.get(timeout=remaining)
-                    if remaining > 0
-                    else (self._queue.get_nowait())
-                )
-            except queue.Empty:
-                return False
+            if remaining <= 0 or not self._wake.wait(remaining):
+                break
+            self._wake.clear()
+            batch += self.journal.read(self.batch_size - len(batch))
+        return batch + self.journal.read(self.batch_size - len(batch))
 
-    def _drain_nowait(self, batch: list[Record], markers: list[_Marker]) -> None:
-        while True:
-            try:
-                item = self._queue.get_nowait()
-            except queue.Empty:
-                return
-            if isinstance(item, _Marker):
-                markers.append(item)
-            else:
-                batch.append(item)
+    def _write(self, batch: list[Entry]) -> None:
+        """Put ``batch`` in the database, however long that takes; records the database refuses
+        for what they hold go to the journal's rejected file instead."""
+        try:
+            self._commit([e.record for e in batch])
+        except _REFUSED:
+            for entry in batch:
+                try:
+                    self._commit([entry.record])
+                except _REFUSED as exc:
+                    self._reject(entry, exc)
 
-    def _write_with_retry(self, batch: list[Record]) -> None:
+    def _commit(self, records: list[Record]) -> None:
         delay = self.retry_backoff_s
-        for attempt in range(self.retries + 1):
+        while True:
             try:
                 with self.engine.begin() as conn:
-                    self._write_batch(conn, batch)
-            except Exception as exc:  # noqa: BLE001  (any failure: retry, then count)
-                if attempt < self.retries:
-                    log.warning(
-                        "storage: writing %d records failed (attempt %d/%d), retrying in %.2fs: %s",
-                        len(batch),
-                        attempt + 1,
-                        self.retries + 1,
-                        delay,
-                        exc,
-                    )
-                    time.sleep(delay)
-                    delay *= 2
-                    continue
-                with self._lock:
-                    self._write_failures += 1
-                    self._records_failed += len(batch)
-                log.error(
-                    "storage: giving up on a batch of %d records after %d attempts "
-                    "(database %s); %d batches / %d records lost so far: %s",
-                    len(batch),
-                    attempt + 1,
-                    mask_url(self.engine.url),
-                    self._write_failures,
-                    self._records_failed,
-                    exc,
-                )
-                self._call(self.on_failure, exc, len(batch))
-                return
+                    self._write_batch(conn, records)
+            except _REFUSED:
+                raise
+            except Exception as exc:  # noqa: BLE001 - down, locked, schema missing: retried until it works
+                self._failed(exc, len(records), delay)
+                if self._abort.wait(delay):
+                    raise _Stopped from None
+                delay = min(delay * 2, self.max_backoff_s)
+                continue
             with self._lock:
-                self._written += len(batch)
+                self._written += len(records)
+                since, self._failing_since = self._failing_since, None
+            if since is not None:
+                log.warning("storage: writing works again after %.1f s; %d records in the journal",
+                            time.monotonic() - since, self.depth)
             return
+
+    def _failed(self, exc: BaseException, n: int, delay: float) -> None:
+        now = time.monotonic()
+        with self._lock:
+            self._write_failures += 1
+            first = self._failing_since is None
+            if first:
+                self._failing_since = now
+            should_log = first or now - self._last_retry_log >= _LOG_INTERVAL_S
+            if should_log:
+                self._last_retry_log = now
+        if should_log:
+            log.warning("storage: writing %d records failed for %.0f s (%d attempts); retrying every %.1f s or "
+                        "less, %d records wait in the journal: %s", n, now - self._failing_since,
+                        self._write_failures, self.max_backoff_s, self.depth, _reason(exc))
+        self._call(self.on_failure, exc, n)
+        with self._progress:
+            self._progress.notify_all()
+
+    def _reject(self, entry: Entry, exc: BaseException) -> None:
+        reason = _reason(exc)
+        self.journal.reject(entry, reason)
+        with self._lock:
+            self._records_failed += 1
+        log.error("storage: the database refused a %s of request %s (%s); kept in %s",
+                  type(entry.record).__name__, getattr(entry.record, "request_id", "-"), reason,
+                  self.journal.folder / "rejected.jsonl")
+        self._call(self.on_reject, entry.record, exc)
 
     def _write_batch(self, conn: Connection, batch: list[Record]) -> None:
         requests: dict[str, dict[str, Any]] = {}
@@ -461,6 +585,8 @@ def _upsert(
     """INSERT ... ON CONFLICT (keys) DO UPDATE (PostgreSQL and SQLite >= 3.24)."""
     if conn.dialect.name == "postgresql":
         from sqlalchemy.dialects.postgresql import insert as dialect_insert
+
+        rows = [{k: _without_nul(v) for k, v in row.items()} for row in rows]
     else:
         from sqlalchemy.dialects.sqlite import insert as dialect_insert
     stmt = dialect_insert(model.__table__)
@@ -469,3 +595,15 @@ def _upsert(
         set_={c: stmt.excluded[c] for c in rows[0] if c not in keys},
     )
     conn.execute(stmt, rows)
+
+
+def _without_nul(value: Any) -> Any:
+    """PostgreSQL refuses NUL in text and JSON: U+FFFD stands in for it, so a prompt cannot keep
+    its alert out of the database with one (``text_sha256`` is of the text as it was)."""
+    if isinstance(value, str):
+        return value.replace("\x00", "\ufffd")
+    if isinstance(value, dict):
+        return {_without_nul(k): _without_nul(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_without_nul(v) for v in value]
+    return value

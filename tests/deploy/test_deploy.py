@@ -7,7 +7,9 @@ under the name Prometheus actually exposes (counters with ``_total``; histograms
 
 from __future__ import annotations
 
+import copy
 import json
+import os
 import re
 import shlex
 import shutil
@@ -17,6 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from monitor.config import Settings, is_loopback, load_settings
 from monitor.metrics import Metrics
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
@@ -205,7 +208,46 @@ def test_metric_regex_catches_unknown_names():
         _check_metric_names(["latentwatch_detector_score"], "probe")
 
 
+# --- serving settings ---------------------------------------------------------
+
+
+def _serve_settings(argv: list[str], env: dict[str, str], monkeypatch) -> Settings:
+    """The settings `latentwatch serve ARGV` gets under exactly `env`: flags parsed by the real command."""
+    from typer.main import get_command
+
+    from monitor.cli import app
+
+    for name in [n for n in os.environ if n.startswith("LATENTWATCH_")]:
+        monkeypatch.delenv(name)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    ctx = get_command(app).commands["serve"].make_context("serve", list(argv))
+    given = {n: v for n, v in ctx.params.items() if ctx.get_parameter_source(n).name == "COMMANDLINE"}
+    unknown = sorted(set(given) - set(Settings.model_fields))
+    assert not unknown, f"flags that are not settings: {unknown}"
+    return load_settings(None, **given)
+
+
+def _check_exposure(settings: Settings, where: str) -> Settings:
+    """Beyond loopback only with TLS and auth tokens, and never --insecure."""
+    assert not settings.insecure, f"{where} passes --insecure"
+    if not is_loopback(settings.host):
+        assert settings.tls_cert and settings.tls_key and settings.auth_tokens, (
+            f"{where} serves {settings.host} without TLS (tls_cert, tls_key) and auth_tokens")
+    return settings
+
+
+def test_exposure_check_catches_unprotected_settings():
+    with pytest.raises(AssertionError, match="passes --insecure"):
+        _check_exposure(Settings(host="0.0.0.0", insecure=True), "probe")
+    with pytest.raises(AssertionError, match="without TLS"):
+        _check_exposure(Settings(host="0.0.0.0", tls_cert="c.pem", tls_key="k.pem"), "probe")
+    _check_exposure(Settings(host="127.0.0.1"), "probe")
+
+
 # --- Kubernetes --------------------------------------------------------------
+
+GRPC, METRICS = 50051, 9464
 
 
 def _docs() -> list[dict]:
@@ -219,9 +261,14 @@ def _sidecar() -> tuple[dict, dict]:
     return deployment, sidecar
 
 
+def _named_ports(deployment: dict) -> dict[str, int]:
+    containers = deployment["spec"]["template"]["spec"]["containers"]
+    return {p["name"]: p["containerPort"] for c in containers for p in c.get("ports", []) if "name" in p}
+
+
 def test_k8s_manifest_parses():
     kinds = [d["kind"] for d in _docs()]
-    assert "Deployment" in kinds and "Service" in kinds
+    assert {"Deployment", "Service", "NetworkPolicy"} <= set(kinds)
     deployment, _ = _sidecar()
     assert len(deployment["spec"]["template"]["spec"]["containers"]) >= 2, "app + sidecar"
     selector = deployment["spec"]["selector"]["matchLabels"]
@@ -229,26 +276,26 @@ def test_k8s_manifest_parses():
     assert selector.items() <= labels.items()
 
 
-def test_k8s_sidecar_ports_and_grpc_probes():
+def test_k8s_sidecar_ports_and_http_probes():
     deployment, sidecar = _sidecar()
-    ports = {p["containerPort"] for p in sidecar["ports"]}
-    assert {50051, 9464} <= ports
-    for probe in ("livenessProbe", "readinessProbe"):
-        assert sidecar[probe]["grpc"]["port"] == 50051, probe
-    env = {e["name"]: e for e in sidecar.get("env", [])}
-    assert env["LATENTWATCH_HOST"]["value"] == "0.0.0.0"
-    assert "LATENTWATCH_DB" in env
+    ports = {p["name"]: p["containerPort"] for p in sidecar["ports"]}
+    assert ports["grpc"] == GRPC and ports["metrics"] == METRICS
+    paths = {}
+    for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+        assert "grpc" not in sidecar[probe], f"{probe}: Kubernetes' grpc probes cannot speak TLS"
+        get = sidecar[probe]["httpGet"]
+        assert _named_ports(deployment).get(get["port"], get["port"]) == METRICS, probe
+        paths[probe] = get["path"]
+    assert paths == {"startupProbe": "/healthz", "livenessProbe": "/healthz", "readinessProbe": "/readyz"}
     annotations = deployment["spec"]["template"]["metadata"]["annotations"]
     assert annotations["prometheus.io/scrape"] == "true"
-    assert annotations["prometheus.io/port"] == "9464"
+    assert annotations["prometheus.io/port"] == str(METRICS)
     mounts = {m["mountPath"] for m in sidecar.get("volumeMounts", [])}
     assert "/data" in mounts
 
 
 def test_k8s_env_names_are_settings():
     """Every LATENTWATCH_* variable the manifest sets is a real settings field."""
-    from monitor.config import Settings
-
     _, sidecar = _sidecar()
     fields = set(Settings.model_fields)
     for e in sidecar.get("env", []):
@@ -256,6 +303,80 @@ def test_k8s_env_names_are_settings():
         if name.startswith("LATENTWATCH_"):
             field = name.removeprefix("LATENTWATCH_").split("__")[0].lower()
             assert field in fields, f"{name} is not a latentwatch setting"
+
+
+def _secret_mounts(deployment: dict, container: dict) -> list[Path]:
+    """Where `container` mounts Secrets whole and read-only (a subPath mount never sees an update)."""
+    volumes = {v["name"]: v for v in deployment["spec"]["template"]["spec"]["volumes"]}
+    return [Path(m["mountPath"]) for m in container.get("volumeMounts", [])
+            if "secret" in volumes[m["name"]] and m.get("readOnly") and "subPath" not in m]
+
+
+def test_k8s_sidecar_serves_tls_and_tokens_from_mounted_secrets(monkeypatch):
+    deployment, sidecar = _sidecar()
+    assert "command" not in sidecar, "the image's ENTRYPOINT (latentwatch serve) must run"
+    env = {**_image_env(), **{e["name"]: e["value"] for e in sidecar.get("env", []) if "value" in e}}
+    settings = _check_exposure(_serve_settings(sidecar.get("args", _image_cmd()), env, monkeypatch), "sidecar.yaml")
+    assert not is_loopback(settings.host), "the sidecar must listen on the pod's address for other pods"
+    secrets = _secret_mounts(deployment, sidecar)
+    for name in ("tls_cert", "tls_key", "tls_client_ca", "auth_tokens"):
+        path = getattr(settings, name)
+        assert path is None or any(path.is_relative_to(m) for m in secrets), f"{name} {path} is not a mounted Secret"
+
+
+def _check_network_policy(policy: dict, pod_labels: dict, named_ports: dict[str, int]) -> None:
+    """Only the application's pods reach gRPC, only Prometheus reaches metrics, every rule names its ports."""
+    spec = policy["spec"]
+    selector = spec["podSelector"].get("matchLabels", {})
+    assert selector and selector.items() <= pod_labels.items(), "the NetworkPolicy does not select the sidecar's pods"
+    assert "Ingress" in spec.get("policyTypes", []), "the NetworkPolicy does not restrict ingress"
+    peers: dict[int, list[dict]] = {GRPC: [], METRICS: []}
+    for i, rule in enumerate(spec.get("ingress", [])):
+        assert rule.get("ports"), f"ingress[{i}] admits every port"
+        for port in {named_ports.get(p["port"], p["port"]) for p in rule["ports"]} & peers.keys():
+            assert rule.get("from"), f"ingress[{i}] admits anyone to port {port}"
+            peers[port] += rule["from"]
+    assert peers[GRPC] and peers[METRICS], "no one may reach gRPC or metrics"
+    for peer in peers[GRPC]:
+        labels = peer.get("podSelector", {}).get("matchLabels", {})
+        assert set(peer) == {"podSelector"} and labels and labels.items() <= pod_labels.items(), f"gRPC admits {peer}"
+    for peer in peers[METRICS]:
+        labels = peer.get("podSelector", {}).get("matchLabels", {})
+        assert "ipBlock" not in peer and "prometheus" in labels.values(), f"metrics admits {peer}"
+
+
+def _policy_and_pods() -> tuple[dict, dict, dict[str, int]]:
+    deployment, _ = _sidecar()
+    policy = next(d for d in _docs() if d["kind"] == "NetworkPolicy")
+    return policy, deployment["spec"]["template"]["metadata"]["labels"], _named_ports(deployment)
+
+
+def test_k8s_network_policy_admits_only_the_app_to_grpc_and_prometheus_to_metrics():
+    _check_network_policy(*_policy_and_pods())
+
+
+def test_network_policy_check_catches_open_rules():
+    policy, labels, ports = _policy_and_pods()
+    rules = policy["spec"]["ingress"]
+
+    def broken(change) -> dict:
+        p = copy.deepcopy(policy)
+        change(p["spec"]["ingress"])
+        return p
+
+    grpc_rule = next(i for i, r in enumerate(rules) if {ports.get(p["port"], p["port"]) for p in r["ports"]} == {GRPC})
+    metrics_rule = next(i for i, r in enumerate(rules)
+                        if {ports.get(p["port"], p["port"]) for p in r["ports"]} == {METRICS})
+    with pytest.raises(AssertionError, match=f"admits anyone to port {GRPC}"):
+        _check_network_policy(broken(lambda ing: ing[grpc_rule].pop("from")), labels, ports)
+    with pytest.raises(AssertionError, match="admits every port"):
+        _check_network_policy(broken(lambda ing: ing.append({"from": [{"podSelector": {}}]})), labels, ports)
+    with pytest.raises(AssertionError, match="metrics admits"):
+        _check_network_policy(broken(lambda ing: ing[metrics_rule]["from"].append({"ipBlock": {"cidr": "0.0.0.0/0"}})),
+                              labels, ports)
+    with pytest.raises(AssertionError, match="gRPC admits"):
+        _check_network_policy(broken(lambda ing: ing[grpc_rule]["from"].append({"namespaceSelector": {}})), labels,
+                              ports)
 
 
 # --- Dockerfile --------------------------------------------------------------
@@ -273,13 +394,29 @@ def _instructions() -> list[tuple[str, str]]:
     return out
 
 
+def _argv(instruction: str) -> list[str]:
+    """The last `instruction` (ENTRYPOINT, CMD) as an argument list."""
+    args = [a for ins, a in _instructions() if ins == instruction][-1]
+    return json.loads(args) if args.startswith("[") else shlex.split(args)
+
+
+def _image_cmd() -> list[str]:
+    return _argv("CMD")
+
+
+def _image_env() -> dict[str, str]:
+    pairs = [kv for ins, args in _instructions() if ins == "ENV" for kv in shlex.split(args)]
+    return dict(kv.split("=", 1) for kv in pairs)
+
+
 def test_dockerfile_entrypoint_runs_serve():
-    entrypoints = [args for ins, args in _instructions() if ins == "ENTRYPOINT"]
-    assert len(entrypoints) == 1
-    args = entrypoints[0]
-    argv = json.loads(args) if args.startswith("[") else shlex.split(args)
-    assert argv[:2] == ["latentwatch", "serve"]
-    assert "0.0.0.0" in argv
+    assert len([ins for ins, _ in _instructions() if ins == "ENTRYPOINT"]) == 1
+    assert _argv("ENTRYPOINT") == ["latentwatch", "serve"]
+
+
+def test_image_serves_beyond_loopback_only_with_tls_and_tokens(monkeypatch):
+    settings = _check_exposure(_serve_settings(_image_cmd(), _image_env(), monkeypatch), "the image")
+    assert not is_loopback(settings.host), "a container must listen beyond loopback to be reachable"
 
 
 def test_dockerfile_basics():

@@ -56,7 +56,70 @@ class RunningServer:
 
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
 
-    def stop(self, grace=5.0, drain=0.0):
-        self.run(self.server.stop(grace, drain))
+    def stop(self, drain=5.0, linger=0.0):
+        self.run(self.server.stop(drain, linger), timeout=120)
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(10)
+
+
+def tiny_model_folder(folder):
+    """A tiny llama saved like a real model folder, for `latentwatch serve --model FOLDER` subprocesses."""
+    from tests.tiny import tiny_model, tiny_tokenizer
+
+    tiny_model("llama").save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    return folder
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServeProcess:
+    """`latentwatch serve` in a subprocess, SERVING when the constructor returns."""
+
+    def __init__(self, *args: str, env: dict | None = None, timeout: float = 180):
+        import os
+        import subprocess
+        import sys
+        import time
+
+        import grpc
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        self.port = free_port()
+        self.target = f"127.0.0.1:{self.port}"
+        entry = os.path.join(os.path.dirname(sys.executable), "latentwatch")  # the installed entry point
+        cmd = [entry, "serve", "--port", str(self.port), "--metrics-port", "0", *args]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                     env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})})
+        stub = health_pb2_grpc.HealthStub(grpc.insecure_channel(self.target))
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                if stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status == 1:
+                    return
+            except grpc.RpcError:
+                pass
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                out = self.proc.stdout.read() if self.proc.poll() is not None else "(still running)"
+                self.proc.kill()
+                raise RuntimeError(f"latentwatch serve did not come up: {out[-3000:]}")
+            time.sleep(0.2)
+
+    def signal(self, sig) -> None:
+        self.proc.send_signal(sig)
+
+    def kill(self) -> None:
+        """Make sure no server outlives its test, whatever the test did."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(30)
+
+    def wait(self, timeout: float = 120) -> tuple[int, str]:
+        out, _ = self.proc.communicate(timeout=timeout)
+        return self.proc.returncode, out

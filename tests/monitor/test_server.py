@@ -308,7 +308,7 @@ def test_health_serving_then_not_serving_on_shutdown(tmp_path):
     stub = health_pb2_grpc.HealthStub(grpc.insecure_channel(srv.target))
     check = lambda: stub.Check(health_pb2.HealthCheckRequest(service="latentwatch.v1.Monitor"), timeout=5).status  # noqa: E731
     assert check() == health_pb2.HealthCheckResponse.SERVING
-    stopper = threading.Thread(target=srv.stop, kwargs={"grace": 1.0, "drain": 1.0})
+    stopper = threading.Thread(target=srv.stop, kwargs={"drain": 1.0, "linger": 1.0})
     stopper.start()
     statuses = set()
     deadline = time.time() + 5

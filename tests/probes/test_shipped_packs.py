@@ -1,21 +1,24 @@
 """The packs shipped in probes/packs are what their recipes produce from the shared datasets.
 
-The default tests prove it end to end in about a minute, with a recorded tape of the model's
-pooled activations standing in for the ~10k forward passes (see tests/probes/fixtures/README.md):
+The default test proves it end to end in about a minute, with a recorded tape of the model's
+pooled activations in place of the ~10k forward passes (see tests/probes/fixtures/README.md):
 
 1. The recipe rebuilds its splits from the shared datasets: the training and calibration data
-   hashes must equal the shipped manifest's, and every row (ids and contents, in order) the tape's.
-2. The real model re-captures a recorded random subset of the tape's rows now and must give the
-   same pooled activations (1e-4), and the real detector bank must give the same scores on some of
-   them as the replay does (for a mean-aggregated affine head the mean of per-token logits is the
-   logit of the mean activation).
-3. `train_pack` runs at the pack's recorded configuration with a runner that replays the tape, so
-   the same code draws the folds, refits, calibrates out of fold and evaluates: weights (1e-4),
-   threshold (1e-3), calibration and every shipped metric (0.01) must match the manifest.
+   hashes must equal the shipped manifest's, and every row (ids and contents, in order) the
+   tape's. The shipped sweep must be the CLI recipe's grid, the chosen configuration in it.
+2. The real model re-captures a recorded random subset of the tape's rows (200 per pack) and must
+   give the same pooled activations (1e-4); the real detector bank must score some of them as the
+   replay does (for a mean-aggregated affine head, the mean of per-token logits is the logit of
+   the mean activation).
+3. `train_pack` itself runs at the pack's chosen configuration on a runner that replays the
+   tape: the same code draws the folds, refits, calibrates out of fold and evaluates. Weights
+   (1e-4), threshold (1e-3), calibration, the chosen candidate's cross-validated AUROC (1e-4)
+   and every shipped metric of every set (0.01) must match the manifest.
 
-Full retraining through the model (harmful_intent at its recorded configuration, ~10 minutes;
-deception's whole CLI recipe including its 55-candidate sweep) runs with LATENTWATCH_FULL_REPRO=1.
-After retraining a shipped pack, re-record the tape: `.venv/bin/python scripts/make-pack-fixtures.py`.
+Full retraining through the model (harmful_intent at its chosen configuration, ~10 minutes on
+2 cores; deception's whole CLI recipe, including the 55-candidate sweep) runs only with
+LATENTWATCH_FULL_REPRO=1. After retraining a shipped pack, re-record its tape:
+`.venv/bin/python scripts/make-pack-fixtures.py [PACK_ID ...]` (~20 minutes on 2 cores).
 """
 
 from __future__ import annotations
@@ -46,8 +49,8 @@ FIXTURES = Path(__file__).parent / "fixtures" / "shipped_packs"
 FULL = pytest.mark.skipif(os.environ.get("LATENTWATCH_FULL_REPRO") != "1",
                           reason="full retraining through the model; set LATENTWATCH_FULL_REPRO=1")
 PACKS = ("harmful_intent", "deception")
-N_SPOT, N_BANK = 96, 24  # rows the model re-captures / the detector bank re-scores per pack
-METRICS = ("auroc", "auprc", "recall_at_1pct_fpr", "recall_at_threshold", "fpr_at_threshold")
+N_SPOT = 200  # rows per pack the model re-captures; the detector bank re-scores every BANK_STRIDE-th
+BANK_STRIDE = 8
 
 
 def shipped(pack_id: str, runner) -> ProbePack:
@@ -55,15 +58,16 @@ def shipped(pack_id: str, runner) -> ProbePack:
 
 
 def assert_same_pack(fresh: ProbePack, ref: ProbePack, sets: list[str]) -> None:
+    """Weights to 1e-4, threshold to 1e-3, every metric of these sets to 0.01 (so counts exactly)."""
     for name, t in ref.probe.tensors().items():
         np.testing.assert_allclose(fresh.probe.tensors()[name].numpy(), t.numpy(), atol=1e-4, rtol=1e-4)
     assert fresh.manifest.threshold == pytest.approx(ref.manifest.threshold, abs=1e-3)
     assert fresh.manifest.calibration == ref.manifest.calibration
     for name in sets:
-        for key in METRICS:
-            if key in ref.manifest.metrics[name]:
-                assert fresh.manifest.metrics[name][key] == pytest.approx(ref.manifest.metrics[name][key], abs=0.01), \
-                    (name, key)
+        got, want = fresh.manifest.metrics[name], ref.manifest.metrics[name]
+        assert got.keys() == want.keys(), name
+        for key, value in want.items():
+            assert got[key] == pytest.approx(value, abs=0.01), (name, key)
 
 
 # ------------------------------------------------------------------------------ the tape
@@ -72,15 +76,26 @@ def recipe_inputs(ref: ProbePack) -> tuple[TrainData, TrainSpec]:
     """The recipe's data as `latentwatch train --recipe` builds it, and the pack's chosen configuration."""
     m, prov = ref.manifest, ref.manifest.provenance
     chosen, splits = prov["selection"]["chosen"], RECIPES[prov["recipe"]](datasets_dir(None), seed=prov["seed"])
-    cal = m.calibration.benign_set
+    sweep = cli.RECIPE_SWEEPS[prov["recipe"]]
+    cal = sweep["calibration"]
     data = TrainData(splits.train + splits.val, cal, splits.calibration[cal],
                      {"test": splits.test, **splits.eval_sets}, recipe=prov["recipe"])
     spec = TrainSpec(pack_id=m.id, hook_points=[chosen["hook_point"]], probes=[(chosen["kind"], chosen["config"])],
                      pools=[chosen["pool"]], input_format=m.input_format, target_fpr=m.calibration.target_fpr,
                      version=m.version, seed=prov["seed"], batch_size=prov["params"]["batch_size"],
-                     folds=prov["params"]["folds"], description=m.description,
-                     enabled_by_default=m.enabled_by_default)
+                     folds=prov["params"]["folds"], description=sweep.get("description", ""),
+                     enabled_by_default=sweep.get("enabled_by_default", True))
     return data, spec
+
+
+def assert_swept_over_the_cli_grid(ref: ProbePack, runner) -> None:
+    """The shipped pack's sweep was the CLI recipe's, and the chosen configuration is in it."""
+    params, chosen = ref.manifest.provenance["params"], ref.manifest.provenance["selection"]["chosen"]
+    sweep = cli.RECIPE_SWEEPS[ref.manifest.provenance["recipe"]]
+    assert params["hook_points"] == cli.sweep_hook_points(runner.hooks.num_layers)
+    assert params["probes"] == [list(p) for p in sweep["probes"]] and params["pools"] == sweep["pools"]
+    assert chosen["hook_point"] in params["hook_points"] and chosen["pool"] in params["pools"]
+    assert [chosen["kind"], chosen["config"]] in params["probes"]
 
 
 def tape_sets(data: TrainData) -> dict[str, list[Example]]:
@@ -101,11 +116,11 @@ def rows_sha256(rows: list[Example]) -> str:
     return hashlib.sha256("".join(data_sha256([e]) for e in rows).encode()).hexdigest()
 
 
-def capture(runner, rows: list[Example], spec: TrainSpec, *, progress: bool = False) -> np.ndarray:
+def capture(runner, rows: list[Example], spec: TrainSpec, *, batch_size: int, progress: bool = False) -> np.ndarray:
     """Pooled activations [rows, d_model] at the pack's hook point, as `train.sweep` collects them."""
     point = runner.hooks.resolve(spec.hook_points[0])
     items = encode_all(runner, rows, chat=spec.input_format == "chat")
-    return runner.capture(items, [point], batch_size=spec.batch_size, progress=progress)[(point, spec.pools[0])]
+    return runner.capture(items, [point], batch_size=batch_size, progress=progress)[(point, spec.pools[0])]
 
 
 def record_tape(runner, pack_id: str, folder: Path = FIXTURES, *, progress: bool = True) -> None:
@@ -116,7 +131,7 @@ def record_tape(runner, pack_id: str, folder: Path = FIXTURES, *, progress: bool
     """
     data, spec = recipe_inputs(shipped(pack_id, runner))
     rows = tape_rows(data)
-    x = capture(runner, rows, spec, progress=progress)
+    x = capture(runner, rows, spec, batch_size=spec.batch_size, progress=progress)
     centre = x.astype(np.float64).mean(0).astype(np.float32)
     spot = np.sort(np.random.default_rng(0).choice(len(rows), N_SPOT, replace=False))
     folder.mkdir(parents=True, exist_ok=True)
@@ -194,6 +209,18 @@ def probs(pack: ProbePack, x: torch.Tensor, meta: dict) -> np.ndarray:
         return torch.sigmoid(head.logits(x)).numpy()
 
 
+def assert_tape_is_the_model(runner, ref: ProbePack, tape: Tape, spec: TrainSpec) -> None:
+    """The real model re-captures the spot rows, and the real bank scores them as the replay does."""
+    # Small batches: a few long jailbreak prompts would otherwise pad whole batches to their length.
+    live = capture(runner, tape.spot_rows, spec, batch_size=4)
+    np.testing.assert_allclose(live, tape.spot, rtol=1e-4, atol=1e-4)
+    stored = tape.x[tape.meta["spot_rows"]]  # the float16 copy the replay uses, within its rounding
+    assert (np.abs(stored - tape.spot) <= np.abs(tape.spot - tape.centre) * 2**-10 + 1e-4).all()
+    bank = train.bank_scores(runner, [ref], tape.spot_rows[::BANK_STRIDE], batch_size=4)[:, 0]
+    replayed = probs(ref, torch.from_numpy(tape.spot[::BANK_STRIDE]), tape.meta)
+    np.testing.assert_allclose(bank, replayed, atol=1e-5)
+
+
 # ----------------------------------------------------------------------------- the tests
 
 @pytest.mark.parametrize("pack_id", PACKS)
@@ -204,12 +231,8 @@ def test_recipe_reproduces_the_shipped_pack(pack_id, smollm2, monkeypatch):
     assert (data_sha256(data.dev), data_sha256(data.calibration)) == (prov["data_sha256"], prov["calibration_sha256"])
     tape = Tape.load(pack_id, data)
     assert (tape.meta["hook_point"], tape.meta["pool"]) == (spec.hook_points[0], spec.pools[0])
-
-    np.testing.assert_allclose(capture(smollm2, tape.spot_rows, spec), tape.spot, rtol=1e-4, atol=1e-4)
-    stored = tape.x[tape.meta["spot_rows"]]  # the float16 copy the replay uses, within its rounding
-    assert (np.abs(stored - tape.spot) <= np.abs(tape.spot - tape.centre) * 2**-10 + 1e-4).all()
-    bank = train.bank_scores(smollm2, [ref], tape.spot_rows[:N_BANK])[:, 0]
-    np.testing.assert_allclose(bank, probs(ref, torch.from_numpy(tape.spot[:N_BANK]), tape.meta), atol=1e-5)
+    assert_swept_over_the_cli_grid(ref, smollm2)
+    assert_tape_is_the_model(smollm2, ref, tape, spec)
 
     monkeypatch.setattr(train, "bank_scores", replay_scores)
     fresh, _ = train_pack(ReplayRunner(smollm2, tape), data, spec, progress=False)
@@ -219,9 +242,6 @@ def test_recipe_reproduces_the_shipped_pack(pack_id, smollm2, monkeypatch):
     assert (fresh.manifest.description, fresh.manifest.enabled_by_default) == \
         (ref.manifest.description, ref.manifest.enabled_by_default)
     assert fresh.manifest.metrics.keys() == ref.manifest.metrics.keys()
-    for name, ref_metrics in ref.manifest.metrics.items():
-        assert fresh.manifest.metrics[name]["n_pos"] == ref_metrics["n_pos"]
-        assert fresh.manifest.metrics[name]["n_neg"] == ref_metrics["n_neg"]
     assert_same_pack(fresh, ref, list(ref.manifest.metrics))
 
 
