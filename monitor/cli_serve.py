@@ -213,6 +213,45 @@ def alerts(
     out.print(table)
 
 
+def info(
+    target: Annotated[str, typer.Option(help="host:port of a running latentwatch server.")] = "127.0.0.1:50051",
+    tls_ca: Annotated[Path | None, typer.Option(help="CA certificate to verify the server by (enables TLS).")] = None,
+    tls_cert: Annotated[Path | None, typer.Option(help="Client certificate, for mTLS.")] = None,
+    tls_key: Annotated[Path | None, typer.Option(help="Client key, for mTLS.")] = None,
+    token_file: Annotated[Path | None, typer.Option(
+        help="File holding the bearer token (or set LATENTWATCH_TOKEN); never pass a token as an argument.")] = None,
+    format: Annotated[str, typer.Option("--format", help="table | json")] = "table",
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for the server.")] = 10.0,
+) -> None:
+    """Ask a running server what it serves: model, device, snapshot version and detectors."""
+    import os
+
+    import grpc
+
+    from monitor.client import Client
+
+    if format not in ("table", "json"):
+        fail(f"--format must be table or json, got {format!r}")
+    try:
+        token = token_file.read_text().strip() if token_file else os.environ.get("LATENTWATCH_TOKEN") or None
+        with Client(target, timeout=timeout, token=token, tls_ca=tls_ca, tls_cert=tls_cert, tls_key=tls_key) as c:
+            got = c.get_server_info()
+    except OSError as e:
+        fail(f"cannot read {e.filename}: {e.strerror}")
+    except grpc.RpcError as e:
+        fail(f"{target}: {e.code().name}: {e.details()}")
+    if format == "json":
+        typer.echo(json.dumps({**got.__dict__, "detectors": [d.__dict__ for d in got.detectors]}, indent=2,
+                              default=str))
+        return
+    out.print(f"{got.model_id} on {got.device} ({got.dtype}), latentwatch {got.server_version}, "
+              f"snapshot {got.snapshot_version}")
+    table = Table("detector", "version", "kind", "hook point", "threshold", "action")
+    for d in got.detectors:
+        table.add_row(d.id, d.version, d.kind, d.hook_point, f"{d.threshold:.3f}", d.action)
+    out.print(table)
+
+
 def _utc(t: datetime | None) -> datetime | None:
     return t.replace(tzinfo=UTC) if t is not None and t.tzinfo is None else t
 
@@ -220,3 +259,4 @@ def _utc(t: datetime | None) -> datetime | None:
 def register(app: typer.Typer) -> None:
     app.command()(serve)
     app.command()(alerts)
+    app.command()(info)

@@ -13,3 +13,14 @@ def smollm2():
     from monitor.runner import ModelRunner
 
     return ModelRunner.load(device="cpu")
+
+
+@pytest.fixture(autouse=True)
+def _restore_logging():
+    """`latentwatch serve` run in-process (CLI tests) configures the root logger; undo it after each test."""
+    import logging
+
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    yield
+    root.handlers[:], root.level = saved

@@ -280,6 +280,19 @@ def test_buf_curl_with_an_authorization_header(setup):
     assert refused.returncode != 0 and "missing or invalid bearer token" in refused.stderr
 
 
+def test_the_cli_sends_a_token_from_a_file_or_the_environment_never_an_argument(setup, tmp_path):
+    from tests.monitor.test_cli import error_line, run
+
+    target = setup[0].target
+    assert "UNAUTHENTICATED: missing or invalid bearer token" in error_line(run("info", "--target", target))
+    (tmp_path / "token").write_text(GEN + "\n")
+    by_file = run("info", "--target", target, "--token-file", tmp_path / "token")
+    assert by_file.exit_code == 0 and "always" in by_file.stdout, by_file.output
+    by_env = run("info", "--target", target, "--format", "json", env={"LATENTWATCH_TOKEN": GEN})
+    assert by_env.exit_code == 0 and json.loads(by_env.stdout)["detectors"][0]["id"] == "always"
+    assert GEN not in by_file.output + by_env.output
+
+
 # ------------------------------------------------------------------------------ latentwatch token
 
 

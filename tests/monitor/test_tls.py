@@ -80,14 +80,22 @@ def buf_list(port: int, **tls) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=60)
 
 
+def cli_info(target: str, **tls):
+    flags = [a for k, v in tls.items() for a in (f"--{k.replace('_', '-')}", v)]
+    return run("info", "--target", target, *flags)
+
+
 def check_both(srv, files: dict[str, Path], accepted: bool) -> None:
-    """The call is accepted (or refused) alike through the Python client and buf curl."""
+    """The call is accepted (or refused) alike through the Python client, buf curl and the CLI."""
     if accepted:
         assert python_list(srv.target, **files) == ["toy"]
         done = buf_list(srv.server.port, **files)
         assert done.returncode == 0, done.stderr
         assert [d["id"] for d in json.loads(done.stdout)["detectors"]] == ["toy"]
+        shown = cli_info(srv.target, **files)
+        assert shown.exit_code == 0 and "toy" in shown.stdout and "tiny-llama" in shown.stdout, shown.output
         return
+    assert "UNAVAILABLE" in error_line(cli_info(srv.target, **files))
     with pytest.raises(grpc.RpcError) as refused:
         python_list(srv.target, **files)
     assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
