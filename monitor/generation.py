@@ -275,6 +275,20 @@ class Generation:
             self.state.select(idx)
         self.sampling.select(idx)
         self.plan.select(keep)
+        self._trim()
+
+    def _trim(self) -> None:
+        """Drop the leading KV columns no remaining row attends to. Joined rows are left-padded to
+        the widest row; without this a batch that never drains (steady traffic keeps joining it)
+        would grow by one column per step forever, in memory and in attention cost. Positions
+        come from the mask's counts, so cutting all-padding columns changes no result."""
+        if not self.can_join:
+            return
+        start = int(self.mask.any(0).int().argmax())  # one host sync, only when rows leave
+        if start:
+            self.mask = self.mask[:, start:]
+            for layer in self.cache.layers:
+                layer.keys, layer.values = layer.keys[..., start:, :], layer.values[..., start:, :]
 
     def _row_index(self, request: int) -> int:
         for i, r in enumerate(self.rows):

@@ -131,6 +131,7 @@ class Journal:
         self._segments: list[_Segment] = []
         self._lockfile: IO[str] | None = None
         self._fd = -1  # the last segment's, for appends
+        self._unsynced = False  # appended without a sync since the last one
         self._broken: str | None = None  # an append that failed could not be undone
         self._next = 1
         self._done = 0
@@ -195,6 +196,7 @@ class Journal:
         return seg
 
     def close(self) -> None:
+        self.sync()
         with self._mutex:
             fds, self._fd, self._rfd = (self._fd, self._rfd), -1, -1
         for fd in fds:
@@ -206,9 +208,11 @@ class Journal:
 
     # ------------------------------------------------------------------ append (any thread)
 
-    def append(self, record: Record) -> int:
-        """Append ``record`` and return once it is on disk; returns its sequence number.
-        Raises JournalFull, having appended nothing, when it does not fit or the disk fails."""
+    def append(self, record: Record, sync: bool = True) -> int:
+        """Append ``record`` and return its sequence number, once it is on disk when ``sync``; an
+        unsynced record is made durable by the next synced append (same file, in order), by
+        `sync()` or at rotation. Raises JournalFull, having appended nothing, when it does not
+        fit or the disk fails."""
         kind, fields = to_json(record)
         rest = json.dumps([kind, fields], separators=(",", ":"))[1:].encode()
         with self._mutex:
@@ -226,7 +230,9 @@ class Journal:
                 view = memoryview(line)
                 while view:
                     view = view[os.write(self._fd, view) :]
-                _sync(self._fd)
+                if sync:
+                    _sync(self._fd)
+                self._unsynced = not sync
             except OSError as exc:
                 self._undo(seg)
                 raise JournalFull(f"cannot write {seg.path}: {exc.strerror or exc}") from exc
@@ -248,6 +254,9 @@ class Journal:
     def _rotate(self, first: int) -> _Segment:
         seg = self._new_segment(first)
         fd = os.open(seg.path, os.O_WRONLY | os.O_APPEND)
+        if self._unsynced:
+            _sync(self._fd)
+            self._unsynced = False
         os.close(self._fd)
         self._fd = fd
         self._segments.append(seg)
@@ -261,6 +270,13 @@ class Journal:
         except OSError as exc:
             self._broken = f"a failed append could not be undone in {seg.path} ({exc.strerror or exc}): restart"
             log.error("journal: %s", self._broken)
+
+    def sync(self) -> None:
+        """Make every appended record durable (the writer calls this at least every 100 ms)."""
+        with self._mutex:
+            if self._unsynced and self._fd >= 0:
+                _sync(self._fd)
+                self._unsynced = False
 
     # ------------------------------------------------------------------ the writer's side
 

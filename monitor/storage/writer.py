@@ -183,7 +183,9 @@ class StorageWriter:
     # ------------------------------------------------------------------ token path
 
     def submit(self, record: Record) -> bool:
-        """Append ``record`` to the journal; it is on disk when this returns. Thread-safe.
+        """Append ``record`` to the journal; it is on disk when this returns if a client may hear
+        of it (alerts, interventions, finished requests); an admission row or a detector row is
+        synced with the next of those, or by the writer thread within 0.1 s. Thread-safe.
 
         Returns False if the record was dropped (writer closed, or journal full under
         fail_open). Raises :class:`StorageFull` if the journal is full under fail_closed.
@@ -192,7 +194,7 @@ class StorageWriter:
             closed = self._closed
             if not closed:
                 try:
-                    self.journal.append(record)
+                    self.journal.append(record, sync=_told(record))
                 except JournalFull as exc:
                     full = exc
                 else:
@@ -385,13 +387,14 @@ class StorageWriter:
         when close() stopped waiting."""
         while not self._abort.is_set():
             self._wake.clear()
+            self.journal.sync()
             batch = self.journal.read(self.batch_size)
             if batch:
                 break
             if self._stopping:
                 return None
             self._check_room()
-            self._wake.wait(1.0)
+            self._wake.wait(0.1)
         else:
             return None
         deadline = time.monotonic() + self.flush_interval_s
@@ -607,3 +610,10 @@ def _without_nul(value: Any) -> Any:
     if isinstance(value, list):
         return [_without_nul(v) for v in value]
     return value
+
+
+def _told(record: Record) -> bool:
+    """Whether a client may hear of this record as soon as `submit` returns."""
+    if isinstance(record, DetectorRecord):
+        return False
+    return not (isinstance(record, RequestRecord) and record.finished_at is None)

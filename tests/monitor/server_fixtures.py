@@ -95,7 +95,11 @@ class ServeProcess:
         self.target = f"127.0.0.1:{self.port}"
         entry = os.path.join(os.path.dirname(sys.executable), "latentwatch")  # the installed entry point
         cmd = [entry, "serve", "--port", str(self.port), "--metrics-port", "0", *args]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        # a file, not a pipe: a long run's log lines would fill a pipe nobody reads and stall the server
+        import tempfile
+
+        self.log = tempfile.NamedTemporaryFile("w+", prefix="latentwatch-serve-", suffix=".log")
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, text=True,
                                      env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})})
         stub = health_pb2_grpc.HealthStub(grpc.insecure_channel(self.target))
         deadline = time.monotonic() + timeout
@@ -106,9 +110,8 @@ class ServeProcess:
             except grpc.RpcError:
                 pass
             if self.proc.poll() is not None or time.monotonic() > deadline:
-                out = self.proc.stdout.read() if self.proc.poll() is not None else "(still running)"
-                self.proc.kill()
-                raise RuntimeError(f"latentwatch serve did not come up: {out[-3000:]}")
+                self.kill()
+                raise RuntimeError(f"latentwatch serve did not come up: {self.output()[-3000:]}")
             time.sleep(0.2)
 
     def signal(self, sig) -> None:
@@ -120,6 +123,10 @@ class ServeProcess:
             self.proc.kill()
             self.proc.wait(30)
 
+    def output(self) -> str:
+        self.log.seek(0)
+        return self.log.read()
+
     def wait(self, timeout: float = 120) -> tuple[int, str]:
-        out, _ = self.proc.communicate(timeout=timeout)
-        return self.proc.returncode, out
+        self.proc.wait(timeout)
+        return self.proc.returncode, self.output()

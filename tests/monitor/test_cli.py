@@ -204,16 +204,9 @@ def test_serve_help_shows_the_defaults():
 
 
 @pytest.fixture()
-def serving(monkeypatch):
+def serving(fake_serve):
     """`serve` up to the point where the server would start: returns the settings it would get."""
-    import monitor.server
-
-    got = []
-
-    async def fake_serve(settings, **kwargs):
-        got.append(settings)
-
-    monkeypatch.setattr(monitor.server, "serve", fake_serve)
+    got = fake_serve
 
     def start(*args, env=None):
         result = run("serve", "--port", 0, "--metrics-port", 0, *args, env=env)

@@ -131,6 +131,30 @@ def test_requests_joining_mid_decode_get_the_same_tokens_and_scores_as_alone(run
             np.testing.assert_allclose(a.aggregate, b.aggregate, atol=1e-5)
 
 
+def test_steady_joining_keeps_the_kv_cache_as_wide_as_its_longest_row(runner, bank):
+    """A batch that never drains must not grow by a column per step forever; results stay exact."""
+    item = runner.encode(PROMPTS[1])
+    gen = Generation(runner, [item], [Sampling(max_new_tokens=6)], bank)
+    out, widths = {0: gen.step()}, []
+    for _ in range(12):  # a new request every two steps, each living six
+        for e in gen.join([item], [Sampling(max_new_tokens=6)]):
+            out.setdefault(e.row, []).append(e)
+        for _ in range(2):
+            for e in gen.step():
+                out.setdefault(e.row, []).append(e)
+        widths.append(gen.mask.shape[1])
+    while not gen.done:
+        for e in gen.step():
+            out.setdefault(e.row, []).append(e)
+    gen.close()
+    assert max(widths) <= len(item) + 6  # bounded by one request's prompt + completion, not by the run
+    alone = collect(Generation(runner, [item], [Sampling(max_new_tokens=6)], bank))[0]
+    for events in out.values():
+        assert [e.token_id for e in events] == [e.token_id for e in alone]
+        for a, b in zip(alone, events):
+            np.testing.assert_allclose(a.aggregate, b.aggregate, atol=1e-5)
+
+
 @pytest.fixture(scope="module")
 def varied():
     """A tiny model whose greedy completion of PROMPTS[0] varies from token to token (most random

@@ -219,7 +219,7 @@ def test_sighup_rereads_files_whose_stat_did_not_change(model, tmp_path):
     ({"tls_cert": "server.pem", "tls_key": "server.key", "tls_client_ca": "server.key"},
      "tls_client_ca server.key: not a PEM certificate"),
 ])
-def test_unusable_files_are_one_line_errors_before_the_model_loads(pki, tmp_path, monkeypatch, serving, tls,
+def test_unusable_files_are_one_line_errors_before_the_model_loads(pki, tmp_path, monkeypatch, fake_serve, tls,
                                                                    message):
     folder = pki["ca1.pem"].parent
     monkeypatch.chdir(folder)
@@ -256,30 +256,16 @@ def test_any_other_host_needs_tls_and_client_authentication(host, pki):
     assert not Settings(host=host, insecure=True).unprotected
 
 
-@pytest.fixture()
-def serving(monkeypatch):
-    """`serve` up to the point where the server would start: returns the settings it would get."""
-    import monitor.server
-
-    got = []
-
-    async def fake_serve(settings, **kwargs):
-        got.append(settings)
-
-    monkeypatch.setattr(monitor.server, "serve", fake_serve)
-    return got
-
-
-def test_serve_refuses_a_host_beyond_loopback_without_tls_and_authentication(serving, pki, tmp_path):
+def test_serve_refuses_a_host_beyond_loopback_without_tls_and_authentication(fake_serve, pki, tmp_path):
     args = ["serve", "--host", "0.0.0.0", "--port", 0, "--metrics-port", 0, "--db", f"sqlite:///{tmp_path}/db.sqlite"]
     refusal = ("error: refusing to serve 0.0.0.0:0 without TLS and client authentication: set --tls-cert/--tls-key "
                "and --auth-tokens (or --tls-client-ca for mTLS), or pass --insecure to accept the risk")
     assert error_line(run(*args, "--pack", "does/not/exist")) == refusal  # checked first
     tls = ["--tls-cert", pki["server.pem"], "--tls-key", pki["server.key"]]
     assert error_line(run(*args, *tls)) == refusal
-    assert run(*args, "--insecure").exit_code == 0 and serving.pop().insecure
+    assert run(*args, "--insecure").exit_code == 0 and fake_serve.pop().insecure
     assert run(*args, *tls, "--tls-client-ca", pki["ca1.pem"]).exit_code == 0
-    assert serving.pop().tls_client_ca == pki["ca1.pem"]
+    assert fake_serve.pop().tls_client_ca == pki["ca1.pem"]
     env = {"LATENTWATCH_TLS_CERT": str(pki["server.pem"]), "LATENTWATCH_TLS_KEY": str(pki["server.key"]),
            "LATENTWATCH_TLS_CLIENT_CA": str(pki["ca1.pem"])}
-    assert run(*args, env=env).exit_code == 0 and serving.pop().tls_cert == pki["server.pem"]
+    assert run(*args, env=env).exit_code == 0 and fake_serve.pop().tls_cert == pki["server.pem"]

@@ -326,3 +326,26 @@ def test_a_record_postgresql_refuses_is_kept_aside_and_nul_is_no_way_out(pg_serv
     finally:
         assert w.close(timeout=30)
         pg_server.drop_database(make_url(url).database)
+
+
+def test_only_what_a_client_may_hear_of_waits_for_its_own_sync(tmp_path, monkeypatch):
+    """Admission rows ride along with the next sync, so admitting a request costs no fsync."""
+    import monitor.storage.journal as journal_module
+    from monitor.storage.writer import _told
+
+    syncs = []
+    real = journal_module._sync
+    monkeypatch.setattr(journal_module, "_sync", lambda fd: syncs.append(fd) or real(fd))
+    admitted = RequestRecord("r", "generate", "m")
+    assert not _told(admitted) and _told(dataclasses.replace(admitted, finished_at=datetime.now(UTC)))
+    assert _told(_alert("r"))
+    j = Journal(tmp_path).open()
+    j.append(admitted, sync=_told(admitted))
+    assert syncs == []
+    j.append(_alert("r"), sync=True)  # one sync makes both durable: same file, in order
+    assert len(syncs) == 1
+    j.append(admitted, sync=False)
+    j.sync()
+    j.sync()  # nothing new: no second sync
+    assert len(syncs) == 2 and [e.seq for e in _read_all(j)] == [1, 2, 3]
+    j.close()
