@@ -1,43 +1,24 @@
-"""Registry of probe kinds: packs name their kind as a string, and this maps it to a class."""
-
-from __future__ import annotations
+"""Probe kinds, every registration in one place."""
 
 from probes.kinds.base import Probe, ProbeConfig, ScoringHead
+from probes.kinds.diff_means import DiffMeansProbe
+from probes.kinds.lat import LatProbe
+from probes.kinds.logistic import LogisticProbe
+from probes.kinds.mlp import MlpProbe
+from probes.kinds.registry import PROBE_KINDS, probe_kind, register
 
-PROBE_KINDS: dict[str, type[Probe]] = {}
-
-
-def register(cls: type[Probe]) -> type[Probe]:
-    """Class decorator; a kind name is part of the pack format, so it may be claimed only once."""
-    if PROBE_KINDS.get(cls.kind, cls) is not cls:
-        raise ValueError(
-            f"probe kind '{cls.kind}' is already registered by {PROBE_KINDS[cls.kind]}"
-        )
-    PROBE_KINDS[cls.kind] = cls
-    return cls
-
-
-def probe_kind(name: str) -> type[Probe]:
-    try:
-        return PROBE_KINDS[name]
-    except KeyError:
-        raise ValueError(
-            f"unknown probe kind '{name}'; known kinds: {', '.join(sorted(PROBE_KINDS))}"
-        ) from None
-
-
-# Imported for their @register side effect; after the registry exists to avoid a cycle.
-from probes.kinds import diff_means, lat, logistic, mlp
+for _kind in (DiffMeansProbe, LatProbe, LogisticProbe, MlpProbe):
+    register(_kind)
 
 __all__ = [
     "PROBE_KINDS",
+    "DiffMeansProbe",
+    "LatProbe",
+    "LogisticProbe",
+    "MlpProbe",
     "Probe",
     "ProbeConfig",
     "ScoringHead",
-    "diff_means",
-    "lat",
-    "logistic",
-    "mlp",
     "probe_kind",
     "register",
 ]

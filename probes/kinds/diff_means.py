@@ -7,7 +7,6 @@ from typing import ClassVar
 import numpy as np
 import torch
 
-from probes.kinds import register
 from probes.kinds.base import ProbeConfig, ScoringHead, Shape, TensorProbe, check_xy, platt
 
 
@@ -15,7 +14,6 @@ class DiffMeansConfig(ProbeConfig):
     pass
 
 
-@register
 class DiffMeansProbe(TensorProbe):
     kind = "diff_means"
     config_cls = DiffMeansConfig

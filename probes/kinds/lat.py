@@ -11,7 +11,6 @@ from typing import ClassVar
 import numpy as np
 import torch
 
-from probes.kinds import register
 from probes.kinds.base import (
     ProbeConfig,
     ScoringHead,
@@ -28,7 +27,6 @@ class LatConfig(ProbeConfig):
     pass
 
 
-@register
 class LatProbe(TensorProbe):
     kind = "lat"
     config_cls = LatConfig

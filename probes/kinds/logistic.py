@@ -6,7 +6,6 @@ from typing import ClassVar, Literal
 
 import numpy as np
 
-from probes.kinds import register
 from probes.kinds.base import (
     ProbeConfig,
     ScoringHead,
@@ -25,7 +24,6 @@ class LogisticConfig(ProbeConfig):
     class_weight: Literal["balanced"] | None = "balanced"
 
 
-@register
 class LogisticProbe(TensorProbe):
     kind = "logistic"
     config_cls = LogisticConfig

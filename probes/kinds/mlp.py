@@ -7,7 +7,6 @@ from typing import ClassVar
 import numpy as np
 import torch
 
-from probes.kinds import register
 from probes.kinds.base import (
     ProbeConfig,
     ScoringHead,
@@ -27,7 +26,6 @@ class MlpConfig(ProbeConfig):
     batch_size: int = 256
 
 
-@register
 class MlpProbe(TensorProbe):
     kind = "mlp"
     config_cls = MlpConfig
