@@ -77,7 +77,8 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp())
     common = dict(port=0, metrics_port=None, db=f"sqlite:///{tmp}/bench.db", max_new_tokens=4096,
                   generate={"max_batch": 8, "max_wait_ms": 50})
-    servers = {name: InProcess(Settings(packs=pk, journal_dir=tmp / f"journal-{name}", **common), runner)
+    servers = {name: InProcess(Settings(packs=pk, journal_dir=tmp / f"journal-{name}", serve_unmonitored=not pk,
+                                        **common), runner)
                for name, pk in (("monitored", packs), ("bare", []))}
     for srv in servers.values():
         run_streams(srv.target, 1, 8)  # warm-up

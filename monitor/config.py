@@ -103,6 +103,11 @@ class Settings(BaseSettings):
         description="What each client id may change about its own monitoring; key '*' applies to every client. "
         "Unlisted clients may not override policy or steer.",
     )
+    serve_unmonitored: bool = Field(
+        False,
+        description="Let Generate run when no detector is loaded. Off: such a server answers FAILED_PRECONDITION "
+        "rather than generate unmonitored; on only for benchmarks of the bare model.",
+    )
     steering_max_detector_cosine: float = Field(
         0.2,
         gt=0,

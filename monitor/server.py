@@ -129,6 +129,9 @@ class MonitorService(pb_grpc.MonitorServicer):
         if bool(request.messages) == bool(request.prompt):
             raise RequestError("INVALID_ARGUMENT", "messages: set exactly one of messages or prompt")
         snap = self.snapshot
+        if snap.bank is None and not self.settings.serve_unmonitored:
+            raise RequestError("FAILED_PRECONDITION", "detectors: none are loaded, and this server does not generate "
+                                                      "unmonitored; load a pack (serve_unmonitored is for benchmarks)")
         shown = {r.id for r in snap.select(list(request.detectors))}
         client = mapping.client_id(request.metadata)
         overrides = mapping.overrides(request)

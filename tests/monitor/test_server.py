@@ -11,6 +11,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from latentwatch.v1 import monitor_pb2 as pb
+from latentwatch.v1 import monitor_pb2_grpc as pb_grpc
 from monitor.client import Alert, Client, Intervention, Summary, Token
 from monitor.config import Settings
 from tests.monitor.server_fixtures import RunningServer, make_pack, runner
@@ -384,3 +385,23 @@ def test_server_info_describes_model_and_snapshot(setup, client):
     assert len(info.model_fingerprint) == 64 and info.server_version
     assert info.snapshot_version == setup[0].server.service.snapshot.version
     assert {d.id for d in info.detectors} == {"always", "never"}
+
+
+def test_a_server_without_detectors_refuses_to_generate_unmonitored(tmp_path):
+    r = runner()
+    common = dict(packs=[], port=0, metrics_port=None, db=f"sqlite:///{tmp_path}/db.sqlite", max_new_tokens=64)
+    srv = RunningServer(Settings(**common), r)
+    try:
+        stub = pb_grpc.MonitorStub(grpc.insecure_channel(srv.target))
+        with pytest.raises(grpc.RpcError) as e:
+            list(stub.Generate(pb.GenerateRequest(prompt="x", max_new_tokens=2), timeout=30))
+        assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "unmonitored" in e.value.details()
+    finally:
+        srv.stop()
+    bench = RunningServer(Settings(serve_unmonitored=True, **{**common, "db": f"sqlite:///{tmp_path}/b.sqlite"}), r)
+    try:
+        stub = pb_grpc.MonitorStub(grpc.insecure_channel(bench.target))
+        events = list(stub.Generate(pb.GenerateRequest(prompt="x", max_new_tokens=2), timeout=30))
+        assert events[-1].summary.usage.completion_tokens == 2
+    finally:
+        bench.stop()
