@@ -1,7 +1,14 @@
 """Overload: many concurrent Generate streams against a `latentwatch serve` process configured for
-fewer. Prints how many were admitted and finished, how fast the excess was refused
-(RESOURCE_EXHAUSTED, measured by a client in this process, the server in its own), and the
-server's RSS before and after. Exits 1 if an admitted stream failed or a refusal took >= 100 ms.
+fewer. Two bursts, each measured by a client in this process (the server runs in its own):
+
+- **into a full server**: `in-flight + queue` streams are admitted first and decoding, then the
+  rest arrive at once (the usual overload: traffic beyond what a busy replica holds);
+- **from idle**: every stream at once against a server with nothing running (the admitted
+  requests' setup competes with the refusals).
+
+Baseline, same run and machine: a bare `grpc.aio` server that refuses every Generate with
+RESOURCE_EXHAUSTED and does nothing else, hit by the same burst; refusal times are printed as a
+ratio to it. Exits 1 if an admitted stream failed or a refusal into the full server took >= 100 ms.
 
     .venv/bin/python bench/overload.py [--streams 200 --in-flight 16 --queue 32] [--model PATH --pack DIR]
 """
@@ -12,6 +19,7 @@ import argparse
 import asyncio
 import os
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -29,23 +37,66 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from soak import rss_mb  # noqa: E402
 
 
-async def storm(target: str, n: int, tokens: int) -> list[tuple[str, float]]:
+async def storm(target: str, n: int, tokens: int, admitted_first: int = 0, running: int = 0):
+    """(code, seconds) per stream. With `admitted_first`, that many streams start first and the
+    rest only once `running` of them are decoding (have received a token), half a second later."""
     async with grpc.aio.insecure_channel(target) as ch:
         stub = pb_grpc.MonitorStub(ch)
         await stub.ListDetectors(pb.ListDetectorsRequest())  # connected before the clock starts
+        decoding = asyncio.Semaphore(0)
 
         async def one(i: int):
-            t0 = time.monotonic()
+            t0, first = time.monotonic(), True
             req = pb.GenerateRequest(messages=[pb.ChatMessage(role="user", content=f"Write a story number {i}.")],
                                      max_new_tokens=tokens)
             try:
                 async for _ in stub.Generate(req, timeout=600):
-                    pass
+                    if first:
+                        first = False
+                        decoding.release()
                 return "OK", time.monotonic() - t0
             except grpc.aio.AioRpcError as e:
                 return e.code().name, time.monotonic() - t0
 
-        return await asyncio.gather(*(one(i) for i in range(n)))
+        early = [asyncio.ensure_future(one(i)) for i in range(admitted_first)]
+        for _ in range(running):
+            await asyncio.wait_for(decoding.acquire(), 300)
+        if early:
+            await asyncio.sleep(0.5)
+        late = await asyncio.gather(*(one(i) for i in range(admitted_first, n)))
+        return list(await asyncio.gather(*early)), list(late)
+
+
+class _RefuseAll(pb_grpc.MonitorServicer):
+    async def ListDetectors(self, request, context):
+        return pb.ListDetectorsResponse()
+
+    async def Generate(self, request, context):
+        await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "busy")
+        yield  # a stream handler
+
+
+def bare_server() -> None:
+    async def run():
+        server = grpc.aio.server()
+        pb_grpc.add_MonitorServicer_to_server(_RefuseAll(), server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        print(port, flush=True)
+        await server.wait_for_termination()
+
+    asyncio.run(run())
+
+
+def refusals(results) -> list[float]:
+    return [t for c, t in results if c == "RESOURCE_EXHAUSTED"]
+
+
+def describe(times: list[float]) -> str:
+    if not times:
+        return "none"
+    return (f"{len(times)} in p50 {1000 * np.median(times):.1f} ms, p99 {1000 * np.percentile(times, 99):.1f} ms, "
+            f"max {1000 * max(times):.1f} ms")
 
 
 def main() -> int:
@@ -56,31 +107,55 @@ def main() -> int:
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--model")
     ap.add_argument("--pack", action="append")
+    ap.add_argument("--bare-server", action="store_true", help=argparse.SUPPRESS)  # the baseline's process
     args = ap.parse_args()
+    if args.bare_server:
+        bare_server()
+        return 0
+    held = args.in_flight + args.queue
+
+    bare = subprocess.Popen([sys.executable, __file__, "--bare-server"], stdout=subprocess.PIPE, text=True)
+    try:
+        _, base = asyncio.run(storm(f"127.0.0.1:{bare.stdout.readline().strip()}", args.streams, args.tokens))
+    finally:
+        bare.kill()
+        bare.wait()
+    base = refusals(base)
+
     extra = (["--model", args.model] if args.model else []) + [a for p in args.pack or [] for a in ("--pack", p)]
     srv = ServeProcess("--db", "sqlite:////tmp/latentwatch-overload.db", *extra,
                        env={"LATENTWATCH_GENERATE__MAX_BATCH": str(args.in_flight),
                             "LATENTWATCH_GENERATE__MAX_QUEUE": str(args.queue)})
     try:
         before = rss_mb(srv.proc.pid)
-        results = asyncio.run(storm(srv.target, args.streams, args.tokens))
+        admitted, full = asyncio.run(storm(srv.target, args.streams, args.tokens, held, args.in_flight))
+        _, idle = asyncio.run(storm(srv.target, args.streams, args.tokens))
         after = rss_mb(srv.proc.pid)
     finally:
         srv.signal(signal.SIGTERM)
         srv.wait()
         srv.kill()
-    ok = [t for c, t in results if c == "OK"]
-    refused = [t for c, t in results if c == "RESOURCE_EXHAUSTED"]
-    other = [c for c, _ in results if c not in ("OK", "RESOURCE_EXHAUSTED")]
-    print(f"{args.streams} streams against {args.in_flight} in flight + {args.queue} queued:")
-    print(f"  finished  {len(ok)} (slowest {max(ok, default=0):.1f} s)")
-    if refused:
-        print(f"  refused   {len(refused)} RESOURCE_EXHAUSTED in p50 {1000 * np.median(refused):.1f} ms, "
-              f"p99 {1000 * np.percentile(refused, 99):.1f} ms, max {1000 * max(refused):.1f} ms")
-    print(f"  other     {len(other)} {sorted(set(other))}")
-    print(f"  server RSS {before:.1f} MB before, {after:.1f} MB after")
-    good = not other and len(ok) >= args.in_flight + args.queue and (not refused or max(refused) < 0.1)
-    print("  verdict   " + ("PASS" if good else "FAIL"))
+    finished = [t for c, t in admitted + idle if c == "OK"]
+    other = sorted({c for c, _ in admitted + full + idle if c not in ("OK", "RESOURCE_EXHAUSTED")})
+    full_t, idle_t = refusals(full), refusals(idle)
+
+    def ratio(times: list[float]) -> str:
+        return f"max {max(times) / max(base):.2f}x, p50 {np.median(times) / np.median(base):.2f}x the baseline" \
+            if times and base else ""
+
+    print(f"{args.streams} streams against {args.in_flight} in flight + {args.queue} queued "
+          f"({os.cpu_count()} CPUs, client and server on this machine):")
+    print(f"  baseline          bare grpc.aio server refusing all: {describe(base)}")
+    print(f"  into full server  {held} admitted first, then {args.streams - held} at once: refused {describe(full_t)}"
+          f"\n                    {ratio(full_t)}")
+    print(f"  from idle         {args.streams} at once: refused {describe(idle_t)}"
+          f"\n                    {ratio(idle_t)}")
+    print(f"  finished          {len(finished)} of {2 * held} admitted (slowest {max(finished, default=0):.1f} s)")
+    print(f"  other codes       {other or 'none'}")
+    print(f"  server RSS        {before:.1f} MB before, {after:.1f} MB after")
+    good = not other and len(finished) >= 2 * held and bool(full_t) and max(full_t) < 0.1
+    print("  verdict           " + ("PASS" if good else "FAIL") + " (every admitted stream finished; refusals into "
+          "the full server under 100 ms)")
     return 0 if good else 1
 
 

@@ -130,6 +130,10 @@ class Settings(BaseSettings):
     max_message_bytes: int = Field(
         4 * 1024 * 1024, ge=1024, description="Largest gRPC message accepted or sent (RESOURCE_EXHAUSTED beyond)."
     )
+    model_thread_nice: int = Field(
+        10, ge=0, le=19, description="Nice increment of the model thread and torch's CPU threads (Linux): "
+        "gRPC, health and refusals stay responsive while the model saturates the CPU. 0 = same priority.",
+    )
     drain_seconds: float = Field(
         30.0, ge=0, description="On SIGTERM: how long requests in flight may run before they are cancelled."
     )

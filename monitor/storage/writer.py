@@ -54,6 +54,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 _LOG_INTERVAL_S = 10.0
+_GATHER_POLL_S = 0.02
 _REFUSED = (DataError, IntegrityError)  # the record's own content: retrying cannot help
 _ABORT_WAIT_S = 15.0  # close() after its timeout: how long a write in progress may take to notice
 JournalFullPolicy = Literal["fail_closed", "fail_open"]
@@ -121,6 +122,7 @@ class StorageWriter:
         self.journal = Journal(journal_dir or self._tmpdir, journal_max_bytes).open()
         self._lock = threading.Lock()  # guards _closed vs. appends, the counters and the flags
         self._wake = threading.Event()  # set by submit, flush and close
+        self._hurry = threading.Event()  # set by flush and close: a batch being gathered goes now
         self._progress = threading.Condition()  # notified on every commit and failed write
         self._urgent = 0  # flush() calls waiting: no batching delay
         self._stopping = False
@@ -267,6 +269,7 @@ class StorageWriter:
         with self._progress:
             self._urgent += 1
             self._wake.set()
+            self._hurry.set()
             try:
                 self._progress.wait_for(
                     lambda: self.journal.done_seq >= target or self._failing_since is not None
@@ -288,6 +291,7 @@ class StorageWriter:
         if thread is not None:
             self._stopping = True
             self._wake.set()
+            self._hurry.set()
             deadline = None if timeout is None else time.monotonic() + timeout
             while thread.is_alive() and self._failing_since is None:
                 thread.join(0.1 if deadline is None else max(0.0, min(0.1, deadline - time.monotonic())))
@@ -384,7 +388,9 @@ class StorageWriter:
     def _collect(self) -> list[Entry] | None:
         """The next batch: wait for a first entry, then up to ``flush_interval_s`` for a full
         batch unless a flush or close is waiting. None once closing with nothing left, or
-        when close() stopped waiting."""
+        when close() stopped waiting. While a batch gathers, appends do not wake this thread
+        (it looks every ``_GATHER_POLL_S``): a burst of requests does not pay for a wake-up and
+        a journal read per record."""
         while not self._abort.is_set():
             self._wake.clear()
             self.journal.sync()
@@ -398,12 +404,13 @@ class StorageWriter:
         else:
             return None
         deadline = time.monotonic() + self.flush_interval_s
-        while len(batch) < self.batch_size and not (self._urgent or self._stopping):
+        self._hurry.clear()
+        while not (self._urgent or self._stopping) and \
+                self.journal.last_seq - batch[-1].seq < self.batch_size - len(batch):
             remaining = deadline - time.monotonic()
-            if remaining <= 0 or not self._wake.wait(remaining):
+            if remaining <= 0:
                 break
-            self._wake.clear()
-            batch += self.journal.read(self.batch_size - len(batch))
+            self._hurry.wait(min(remaining, _GATHER_POLL_S))
         return batch + self.journal.read(self.batch_size - len(batch))
 
     def _write(self, batch: list[Entry]) -> None:
