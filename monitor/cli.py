@@ -1,4 +1,5 @@
-"""`latentwatch` command line: train, eval, score, detectors (serve, alerts from cli_serve; token from cli_token)."""
+"""`latentwatch` command line: train, eval, score, detectors (serve, alerts from cli_serve; token from cli_token;
+features search from cli_features; sae train from cli_sae)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
+from monitor.cli_features import register as register_feature_commands
+from monitor.cli_sae import register as register_sae_commands
 from monitor.cli_serve import console, fail, out
 from monitor.cli_serve import register as register_service_commands
 from monitor.cli_token import register as register_token_commands
@@ -371,3 +374,5 @@ def detectors(
 
 register_service_commands(app)
 register_token_commands(app)
+register_feature_commands(app)
+register_sae_commands(app)

@@ -99,7 +99,6 @@ class Scheduler:
         self._stopping = False
         self._trim = _Trim()
         self._thread = threading.Thread(target=self._run, name="latentwatch-model", daemon=True)
-        self.finished_jobs: collections.deque[GenJob] = collections.deque(maxlen=256)  # for tests/inspection
 
     # --------------------------------------------------------------------- public, any thread
 
@@ -354,7 +353,6 @@ class Scheduler:
         except Exception:  # noqa: BLE001
             log.exception("request end hook failed")
         job.finished.set()
-        self.finished_jobs.append(job)
 
 
 __all__ = ["GenJob", "Reaction", "Scheduler", "ScoreResult"]

@@ -160,14 +160,14 @@ def _clean(x: Any) -> Any:
 # ----------------------------------------------------------------------------------- plots
 
 
-def _png(fig: Figure) -> str:
+def png_base64(fig: Figure) -> str:
     buf = io.BytesIO()
     FigureCanvasAgg(fig).print_png(buf)
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
 def _img(fig: Figure, alt: str) -> str:
-    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{_png(fig)}">'
+    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{png_base64(fig)}">'
 
 
 def _roc_data(report: ReportData) -> tuple[str, np.ndarray, dict[str, np.ndarray]]:
@@ -268,14 +268,14 @@ def score_colour(score: float) -> str:
     return to_hex(HEAT_CMAP(float(np.clip(score, 0, 1))))
 
 
-def _text_colour(score: float) -> str:
+def text_colour(score: float) -> str:
     r, g, b, _ = HEAT_CMAP(float(np.clip(score, 0, 1)))
     return "#111" if 0.299 * r + 0.587 * g + 0.114 * b > 0.55 else "#fff"
 
 
 def heatmap_html(h: Heatmap) -> str:
     spans = "".join(
-        f'<span class="tok" title="{s:.3f}" style="background:{score_colour(s)};color:{_text_colour(s)}">'
+        f'<span class="tok" title="{s:.3f}" style="background:{score_colour(s)};color:{text_colour(s)}">'
         f"{html.escape(t)}</span>"
         for t, s in h.tokens
     )

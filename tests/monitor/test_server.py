@@ -219,7 +219,9 @@ def test_cancelled_generate_stops_within_one_step(setup, client, monkeypatch):
         return real(*a, **k)
 
     monkeypatch.setattr(r.model, "forward", slow)
-    scheduler = srv.server.service.scheduler
+    scheduler, jobs = srv.server.service.scheduler, []
+    submit = scheduler.submit_generate
+    monkeypatch.setattr(scheduler, "submit_generate", lambda job: (jobs.append(job), submit(job))[1])
     call = client.stub.Generate(pb.GenerateRequest(prompt="count", max_new_tokens=150), timeout=30)
     seen = 0
     for msg in call:
@@ -227,11 +229,8 @@ def test_cancelled_generate_stops_within_one_step(setup, client, monkeypatch):
         if seen == 3:
             call.cancel()
             break
-    deadline = time.time() + 10
-    while not scheduler.finished_jobs or scheduler.finished_jobs[-1].steps_at_cancel is None:
-        assert time.time() < deadline
-        time.sleep(0.01)
-    job = scheduler.finished_jobs[-1]
+    assert jobs[0].finished.wait(10)
+    job = jobs[0]
     assert job.reason == "cancelled"
     assert job.steps - job.steps_at_cancel <= 1
     assert job.steps < 150
