@@ -166,114 +166,23 @@ def saelens_fixtures(out: Path) -> None:
         )
         record(name, folder, out, info)
 
-    # 1. standard (ReLU), b_dec NOT subtracted from the input, resid_pre hook
-    name = "saelens/standard"
-    cfg = StandardSAEConfig(
-        d_in=D_IN, d_sae=D_SAE, apply_b_dec_to_input=False, metadata=meta("blocks.6.hook_resid_pre")
-    )
-    sae = StandardSAE(cfg)
-    load_params(sae, random_params(101))
-    finish(
-        name,
-        sae,
-        base / "standard",
-        make_x(1001),
-        {
-            "architecture": "standard",
-            "apply_b_dec_to_input": False,
-            "normalize_activations": "none",
-            "hook_name": "blocks.6.hook_resid_pre",
-        },
-    )
-
-    # 2. standard with apply_b_dec_to_input=True (the SAELens default), resid_post hook
-    name = "saelens/standard_b_dec_in"
-    cfg = StandardSAEConfig(
-        d_in=D_IN, d_sae=D_SAE, apply_b_dec_to_input=True, metadata=meta("blocks.3.hook_resid_post")
-    )
-    sae = StandardSAE(cfg)
-    load_params(sae, random_params(102))
-    finish(
-        name,
-        sae,
-        base / "standard_b_dec_in",
-        make_x(1002),
-        {
-            "architecture": "standard",
-            "apply_b_dec_to_input": True,
-            "normalize_activations": "none",
-            "hook_name": "blocks.3.hook_resid_post",
-        },
-    )
-
-    # 3. standard with run-time normalize_activations="constant_norm_rescale"
-    name = "saelens/standard_constant_norm_rescale"
-    cfg = StandardSAEConfig(
-        d_in=D_IN,
-        d_sae=D_SAE,
-        apply_b_dec_to_input=True,
-        normalize_activations="constant_norm_rescale",
-        metadata=meta("blocks.4.hook_resid_post"),
-    )
-    sae = StandardSAE(cfg)
-    load_params(sae, random_params(103))
-    finish(
-        name,
-        sae,
-        base / "standard_constant_norm_rescale",
-        make_x(1003, scale=6.0),
-        {
-            "architecture": "standard",
-            "apply_b_dec_to_input": True,
-            "normalize_activations": "constant_norm_rescale",
-            "hook_name": "blocks.4.hook_resid_post",
-        },
-    )
-
-    # 4. standard with run-time normalize_activations="layer_norm"
-    name = "saelens/standard_layer_norm"
-    cfg = StandardSAEConfig(
-        d_in=D_IN,
-        d_sae=D_SAE,
-        apply_b_dec_to_input=False,
-        normalize_activations="layer_norm",
-        metadata=meta("blocks.5.hook_resid_pre"),
-    )
-    sae = StandardSAE(cfg)
-    load_params(sae, random_params(104))
-    finish(
-        name,
-        sae,
-        base / "standard_layer_norm",
-        make_x(1004, scale=4.0),
-        {
-            "architecture": "standard",
-            "apply_b_dec_to_input": False,
-            "normalize_activations": "layer_norm",
-            "hook_name": "blocks.5.hook_resid_pre",
-        },
-    )
-
-    # 5. standard stored in bfloat16 (dtype="bfloat16" in cfg.json, bf16 tensors on disk)
-    name = "saelens/standard_bfloat16"
-    cfg = StandardSAEConfig(
-        d_in=D_IN, d_sae=D_SAE, dtype="bfloat16", apply_b_dec_to_input=True, metadata=meta("blocks.1.hook_resid_post")
-    )
-    sae = StandardSAE(cfg)
-    load_params(sae, random_params(105))
-    finish(
-        name,
-        sae,
-        base / "standard_bfloat16",
-        make_x(1005),
-        {
-            "architecture": "standard",
-            "apply_b_dec_to_input": True,
-            "normalize_activations": "none",
-            "dtype": "bfloat16",
-            "hook_name": "blocks.1.hook_resid_post",
-        },
-    )
+    # 1-5. standard (ReLU): b_dec subtracted from the input or not, run-time normalisation, bf16 storage
+    standard = [  # folder, hook, seed offset, input scale, config beyond SAELens' defaults
+        ("standard", "blocks.6.hook_resid_pre", 1, 1.5, {"apply_b_dec_to_input": False}),
+        ("standard_b_dec_in", "blocks.3.hook_resid_post", 2, 1.5, {"apply_b_dec_to_input": True}),
+        ("standard_constant_norm_rescale", "blocks.4.hook_resid_post", 3, 6.0,
+         {"apply_b_dec_to_input": True, "normalize_activations": "constant_norm_rescale"}),
+        ("standard_layer_norm", "blocks.5.hook_resid_pre", 4, 4.0,
+         {"apply_b_dec_to_input": False, "normalize_activations": "layer_norm"}),
+        ("standard_bfloat16", "blocks.1.hook_resid_post", 5, 1.5, {"apply_b_dec_to_input": True, "dtype": "bfloat16"}),
+    ]
+    for folder, hook, i, scale, extra in standard:
+        sae = StandardSAE(StandardSAEConfig(d_in=D_IN, d_sae=D_SAE, metadata=meta(hook), **extra))
+        load_params(sae, random_params(100 + i))
+        info = {"architecture": "standard", "apply_b_dec_to_input": extra["apply_b_dec_to_input"],
+                "normalize_activations": extra.get("normalize_activations", "none"),
+                **({"dtype": extra["dtype"]} if "dtype" in extra else {}), "hook_name": hook}
+        finish(f"saelens/{folder}", sae, base / folder, make_x(1000 + i, scale=scale), info)
 
     # 6. jumprelu, mlp_out hook, positive random per-latent thresholds (stored raw, not log)
     name = "saelens/jumprelu"

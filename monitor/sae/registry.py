@@ -8,9 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
-from monitor.domain import HookPoint
 from monitor.sae.base import SAE, SAEError
 
 SAE_KINDS: dict[str, type[SAE]] = {}
@@ -21,7 +19,7 @@ FORMATS: dict[str, SAEFormat] = {}
 class SAEFormat:
     name: str
     files: tuple[str, ...]  # what a folder in this format holds; also how `load_sae` recognises it
-    load: Callable[[Path, HookPoint | None], SAE]  # (folder, hook point if the caller gave one)
+    load: Callable[..., SAE]  # (each of `files` in the folder, in that order, hook_point=given or None)
 
 
 def register(cls: type[SAE]) -> type[SAE]:
