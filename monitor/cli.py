@@ -11,27 +11,15 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
+from monitor.cli_common import DeviceOpt, ModelOpt, console, encode_rows, fail, load_runner, locate, out, read_examples
 from monitor.cli_features import register as register_feature_commands
 from monitor.cli_sae import register as register_sae_commands
-from monitor.cli_serve import console, fail, out
 from monitor.cli_serve import register as register_service_commands
 from monitor.cli_token import register as register_token_commands
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="White-box safety monitor for language models.")
 
-ModelOpt = Annotated[str | None, typer.Option("--model", help="HF id, local folder, GGUF file; default SmolLM2-135M")]
-DeviceOpt = Annotated[str | None, typer.Option("--device", help="cuda / cpu (default: cuda when available)")]
 POOLS = ("mean", "last")  # token poolings training can sweep (what ModelRunner.capture pools)
-
-
-def load_runner(model: str | None, device: str | None):
-    from monitor.runner import ModelRunner
-
-    with console.status(f"loading model {model or 'SmolLM2-135M-Instruct (default)'}..."):
-        try:
-            return ModelRunner.load(model, device=device)
-        except (OSError, ValueError) as e:
-            fail(f"cannot load model {model!r}: {e}")
 
 
 def pack_folders(packs: list[Path] | None, detectors: list[str] | None) -> list[Path]:
@@ -73,15 +61,6 @@ def load_pack_folders(folders: list[Path], runner=None, detectors: list[str] | N
     return [p for p in loaded if p.manifest.id in detectors]
 
 
-def read_examples(path: Path, *, labelled: bool):
-    from probes.data import DataError, read_jsonl
-
-    try:
-        return read_jsonl(path, labelled=labelled)
-    except (DataError, OSError) as e:
-        fail(str(e))
-
-
 def load_recipe(recipe: str, datasets: str | None, seed: int):
     from probes.recipes import RECIPES, datasets_dir
 
@@ -91,29 +70,6 @@ def load_recipe(recipe: str, datasets: str | None, seed: int):
         return RECIPES[recipe](datasets_dir(datasets), seed=seed)
     except (FileNotFoundError, ValueError) as e:
         fail(str(e))
-
-
-def locate(source: Path | str, i: int, example) -> str:
-    """`file:line (id ...)` of the i-th example read from `source`, a JSONL file or a named set."""
-    if isinstance(source, Path):
-        with source.open(encoding="utf-8-sig") as f:  # as read_jsonl reads it: blank lines hold no example
-            where = f"{source}:{[n for n, line in enumerate(f, 1) if line.strip()][i]}"
-    else:
-        where = f"{source} row {i + 1}"
-    return where + (f" (id {example.id})" if example.id is not None else "")
-
-
-def encode_rows(runner, examples, *, chat: bool, source: Path | str) -> list:
-    """Encode every example; one the model cannot take is an error naming it and what to fix."""
-    from monitor.runner import InputError, InputTooLong
-
-    items = []
-    for i, ex in enumerate(examples):
-        try:
-            items.append(runner.encode(text=ex.text, messages=ex.messages, chat=chat, score_suffix=ex.score_suffix))
-        except InputError as e:
-            fail(f"{locate(source, i, ex)}: {e}" + ("; shorten or split it" if isinstance(e, InputTooLong) else ""))
-    return items
 
 
 # ------------------------------------------------------------------------------------ train

@@ -14,7 +14,7 @@ import typer
 from rich.table import Table
 from rich.text import Text
 
-from monitor.cli_serve import console, fail, out
+from monitor.cli_common import DeviceOpt, ModelOpt, console, encode_rows, fail, load_runner, locate, out, read_examples
 
 app = typer.Typer(no_args_is_help=True, add_completion=False)
 FORMATS = ("table", "json", "html")
@@ -66,12 +66,10 @@ def search(
     out_file: Annotated[Path | None, typer.Option("--out", help="file for json or html output")] = None,
     raw: Annotated[bool, typer.Option("--raw", help="read text as raw text, not as a user chat turn")] = False,
     batch_size: int = 16,
-    model: Annotated[str | None, typer.Option("--model", help="HF id, local folder, GGUF file; "
-                                              "default SmolLM2-135M")] = None,
-    device: Annotated[str | None, typer.Option("--device", help="cuda / cpu (default: cuda when available)")] = None,
+    model: ModelOpt = None,
+    device: DeviceOpt = None,
 ):
     """Rank SAE latents by how well their per-example max activation separates --positive from --negative."""
-    from monitor.cli import encode_rows, load_runner, locate, read_examples
     from monitor.sae import SAEError, load_sae
     from probes.features import SORTS, NoReadableTokens, search_features, write_html
 

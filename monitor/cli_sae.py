@@ -13,7 +13,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from monitor.cli_serve import console, fail, out
+from monitor.cli_common import DeviceOpt, ModelOpt, console, fail, load_runner, out
 
 app = typer.Typer(no_args_is_help=True, add_completion=False)
 DTYPES = ("int8", "float16", "bfloat16", "float32")
@@ -29,8 +29,7 @@ def train(
     hook_point: Annotated[str, typer.Option("--hook-point", help="where the SAE reads, e.g. blocks.15.resid_post")],
     latents: Annotated[int, typer.Option("--latents", help="number of SAE latents (d_sae)")] = 4096,
     k: Annotated[int, typer.Option("--k", help="latents active per token (TopK)")] = 32,
-    model: Annotated[str | None, typer.Option("--model", help="HF id, local folder, GGUF file; "
-                                              "default SmolLM2-135M")] = None,
+    model: ModelOpt = None,
     tokens: Annotated[int, typer.Option("--tokens", help="activations to train on (the data repeats when it "
                                         "holds fewer)")] = 2_000_000,
     out_dir: Annotated[Path | None, typer.Option("--out", help="folder to write the SAE pack to "
@@ -49,7 +48,7 @@ def train(
     raw: Annotated[bool, typer.Option("--raw", help="read prompts as raw text, not as a user chat turn")] = False,
     pack_id: Annotated[str | None, typer.Option("--id", help="pack id (default: topk-<layer>-<site>-<latents>)")
                        ] = None,
-    device: Annotated[str | None, typer.Option("--device", help="cuda / cpu (default: cuda when available)")] = None,
+    device: DeviceOpt = None,
 ):
     """Train a TopK SAE (AuxK, unit-norm decoder), report on held-out text, write manifest.json + sae.safetensors."""
     from monitor.domain import HookPoint, HookPointError
@@ -69,7 +68,6 @@ def train(
     if out_dir.exists() and not out_dir.is_dir():
         fail(f"--out {out_dir} is a file; give a folder")
 
-    from monitor.cli import load_runner
     from probes.sae_train import PACK_ID, SAETrainSpec, recipe_data, save_sae_pack, train_sae
 
     if not re.fullmatch(PACK_ID, pack_id):

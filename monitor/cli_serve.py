@@ -1,34 +1,20 @@
-"""`latentwatch serve` and `latentwatch alerts`; `register(app)` adds both to the main typer app.
-
-Also the consoles and `fail()` every `latentwatch` command shares.
-"""
+"""`latentwatch serve` and `latentwatch alerts`; `register(app)` adds both to the main typer app."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import socket
-import sys
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
 from monitor import logs
+from monitor.cli_common import console, fail, out
 from monitor.config import Settings
-
-console = Console(stderr=True)
-# Tables go to stdout; when piped, rich would squeeze them to 80 columns and cut ids short.
-out = Console() if sys.stdout.isatty() else Console(width=200)
-
-
-def fail(message: str, code: int = 2) -> None:
-    """One line on stderr that says what to fix, then exit (never a traceback)."""
-    console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
-    raise typer.Exit(code)
 
 
 def _default(field: str):

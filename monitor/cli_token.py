@@ -15,7 +15,8 @@ from typing import Annotated
 
 import typer
 
-from monitor.cli_serve import console, fail, summarise
+from monitor.cli_common import console, fail
+from monitor.cli_serve import summarise
 from monitor.domain import AUTH_ROLES
 
 app = typer.Typer(no_args_is_help=True, help="Bearer tokens for `serve --auth-tokens`.")

@@ -10,7 +10,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from monitor import cli, cli_sae
+from monitor import cli_sae
 from monitor.domain import HookPoint
 from monitor.runner import encode_all
 from monitor.sae import SAEError, TopKSAE, load_sae
@@ -326,13 +326,13 @@ def test_cli_unknown_model(hand_written, tmp_path):
 
 
 def test_cli_hook_point_past_the_last_block(hand_written, runner, monkeypatch):
-    monkeypatch.setattr(cli, "load_runner", lambda model, device: runner)
+    monkeypatch.setattr(cli_sae, "load_runner", lambda model, device: runner)
     result = invoke("--hook-point", "blocks.9.resid_post")
     assert result.exit_code == 2 and "out of range: this model has blocks 0..2" in result.output, result.output
 
 
 def test_cli_trains_reports_and_writes_a_pack(hand_written, runner, monkeypatch, tmp_path):
-    monkeypatch.setattr(cli, "load_runner", lambda model, device: runner)
+    monkeypatch.setattr(cli_sae, "load_runner", lambda model, device: runner)
     monkeypatch.chdir(tmp_path)
     result = invoke("--hook-point", "blocks.1.resid_post", "--latents", "32", "--k", "4", "--tokens", "1024",
                     "--batch-size", "256", "--generate", "2", "--max-new-tokens", "4")
