@@ -121,13 +121,18 @@ def test_numbering_goes_on_when_everything_was_committed(tmp_path):
     j.close()
 
 
-def test_torn_tail_is_cut_off_and_nothing_acknowledged_is_lost(tmp_path):
+def _journal_of(tmp_path, n: int):
+    """n alerts appended to a closed journal in tmp_path: (the records, its last segment file)."""
     j = Journal(tmp_path).open()
-    records = [_alert("r", i) for i in range(5)]
+    records = [_alert("r", i) for i in range(n)]
     for r in records:
         j.append(r)
     j.close()
-    seg = _segments(tmp_path)[-1]
+    return records, _segments(tmp_path)[-1]
+
+
+def test_torn_tail_is_cut_off_and_nothing_acknowledged_is_lost(tmp_path):
+    records, seg = _journal_of(tmp_path, 5)
     intact = seg.read_bytes()
     line = intact.splitlines(keepends=True)[0]
     with open(seg, "ab") as f:
@@ -145,12 +150,7 @@ def test_torn_tail_is_cut_off_and_nothing_acknowledged_is_lost(tmp_path):
 
 
 def test_a_damaged_line_is_skipped_and_the_others_kept(tmp_path):
-    j = Journal(tmp_path).open()
-    records = [_alert("r", i) for i in range(4)]
-    for r in records:
-        j.append(r)
-    j.close()
-    seg = _segments(tmp_path)[-1]
+    records, seg = _journal_of(tmp_path, 4)
     lines = seg.read_bytes().splitlines(keepends=True)
     lines[1] = lines[1].replace(b'"abc"', b'"abd"')  # a flipped bit: the checksum no longer matches
     seg.write_bytes(b"".join(lines))
