@@ -5,7 +5,8 @@ server config grants it to that client id: overrides need `policy_overrides`, we
 (a higher threshold, a milder action) also `weaken_monitoring`; steering needs `steering`, and
 a vector with |cosine| >= `steering_max_detector_cosine` against a detector's direction at or
 before that detector's hook point (it would push the detector's reading around) also
-`steer_detector_directions`. With authentication on, overrides and steering also need the
+`steer_detector_directions`; a latent clamp writes along the latent's decoder row, so that row
+is its vector here. With authentication on, overrides and steering also need the
 caller's token to hold the `admin` role.
 """
 
@@ -92,14 +93,14 @@ def check_steering(snapshot: Snapshot, client_id: str, steering: list[ClientStee
     limit = snapshot.steering_max_cosine
     for i, item in enumerate(steering):
         s = item.steering
-        u = s.unit
+        u, field = s.unit, "latent" if s.kind == "clamp" else "vector"
         for rule in snapshot.rules:
             det = snapshot.bank.detectors[rule.slot]
             if s.hook_point > det.hook_point:
                 continue  # steering after a detector's hook point cannot change what it reads
             dirs = snapshot.bank.directions(rule.slot)
-            cos = float((u @ torch.nn.functional.normalize(dirs, dim=0)).abs().max())
+            cos = float((u.to(dirs.device) @ torch.nn.functional.normalize(dirs, dim=0)).abs().max())
             if cos >= limit:
-                raise _denied(f"steering[{i}].vector", client_id, "steer_detector_directions",
+                raise _denied(f"steering[{i}].{field}", client_id, "steer_detector_directions",
                               f"|cosine| {cos:.2f} with detector {rule.id!r}'s direction at {det.hook_point} "
                               f"reaches the limit {limit:g} (steering_max_detector_cosine)")

@@ -3,18 +3,25 @@
 Detectors that read the same hook point are fused per scorer kind (`monitor.scorers`): all
 affine probes at a hook point cost one matmul however many there are; MLP probes add two.
 Per-token logits land in a step buffer; `BankState.update` folds them into per-row running
-aggregates (last, mean, max, EMA, rolling max) with padding masked out. Nothing here leaves the
-device: the runner moves one tensor to the host per forward step.
+aggregates (last, mean, max, EMA, rolling max) with padding masked out. For alert explanations,
+`LatentReadout` reads the most active latents of each SAE at a detector's hook point in the same
+hook. Nothing here leaves the device: the runner moves one tensor to the host per forward step.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 
 from monitor.domain import AGGREGATIONS, HookPoint
 from monitor.scorers import scorer_for
+
+if TYPE_CHECKING:
+    from monitor.sae import SAE
 
 
 @dataclass
@@ -77,10 +84,54 @@ class HookGroup:
             out.index_copy_(2, slots, scorer.logits(flat).view(*h.shape[:-1], -1))
 
 
-class DetectorBank:
-    """A fixed set of detectors, fused per hook point. Immutable: reload builds a new bank."""
+class LatentReadout:
+    """The `m` most active latents of each SAE at a detector's hook point, read on the device.
 
-    def __init__(self, detectors: list[Detector], *, device="cpu", dtype=torch.float32):
+    One entry per (detector slot, SAE id) pair whose hook points are equal (`pairs`); a step fills
+    [rows, pairs, m, 2] with (latent, activation), highest first. A detector with no SAE at its
+    hook point has no pair, so a bank without any has no readout and its hooks do no extra work.
+    """
+
+    def __init__(self, points: Sequence[HookPoint], saes: Mapping[str, SAE], m: int, device):
+        self.m = m
+        self.pairs: list[tuple[int, str]] = []
+        self.slots: dict[HookPoint, torch.Tensor] = {}  # the detectors at each such point, in slot order
+        self.at: dict[HookPoint, list[tuple[SAE, torch.Tensor]]] = {}  # its SAEs, and the pairs each fills
+        for sae_id, sae in saes.items():
+            slots = [s for s, p in enumerate(points) if p == sae.hook_point]
+            if slots:
+                pairs = torch.arange(len(self.pairs), len(self.pairs) + len(slots), device=device)
+                self.pairs += [(s, sae_id) for s in slots]
+                self.slots[sae.hook_point] = torch.tensor(slots, device=device)
+                self.at.setdefault(sae.hook_point, []).append((sae, pairs))
+
+    def read(self, point: HookPoint, h: torch.Tensor, out: torch.Tensor) -> None:
+        """Top latents of h [rows, d] (one token per row, for every detector at `point`) or [rows, k, d]
+        (one token per detector there, in `slots` order), written into `out` [rows, pairs, m, 2].
+        One full encode per SAE and token, then top-k: no host sync."""
+        for sae, pairs in self.at[point]:
+            act, idx = sae.encode(h).topk(min(self.m, sae.d_sae), dim=-1)
+            top = torch.stack([idx.to(out.dtype), act.to(out.dtype)], -1)
+            if top.dim() == 3:  # the same token for every detector at the point
+                top = top[:, None].expand(-1, len(pairs), -1, -1)
+            out.index_copy_(1, pairs, torch.nn.functional.pad(top, (0, 0, 0, self.m - top.shape[2])))
+
+    def of(self, slot: int, latents: np.ndarray) -> list[tuple[str, int, float]]:
+        """Host side: (SAE id, latent, activation) of detector `slot`'s active latents in one row's
+        [pairs, m, 2]; inactive (0) and non-finite activations are left out."""
+        return [(sae_id, int(i), float(a)) for (s, sae_id), top in zip(self.pairs, latents) if s == slot
+                for i, a in top if 0 < a < np.inf]
+
+
+class DetectorBank:
+    """A fixed set of detectors, fused per hook point. Immutable: reload builds a new bank.
+
+    `explain_tokens` and `explain_latents` size alert explanations (monitor.explain): how many top
+    tokens an alert lists, and how many latents of each SAE in `saes` (by id) at its hook point.
+    """
+
+    def __init__(self, detectors: list[Detector], *, device="cpu", dtype=torch.float32,
+                 saes: Mapping[str, SAE] | None = None, explain_tokens: int = 0, explain_latents: int = 0):
         ids = [d.id for d in detectors]
         if len(set(ids)) != len(ids):
             raise ValueError(f"duplicate detector ids in bank: {sorted(ids)}")
@@ -114,6 +165,11 @@ class DetectorBank:
         )
         self.thresholds = torch.tensor([d.threshold for d in detectors], device=self.device)
         self.size = p
+        self.explain_tokens = explain_tokens
+        self.readout: LatentReadout | None = None
+        if explain_latents:
+            readout = LatentReadout([d.hook_point for d in detectors], saes or {}, explain_latents, self.device)
+            self.readout = readout if readout.pairs else None
 
     @property
     def ids(self) -> list[str]:
@@ -150,15 +206,41 @@ class BankState:
         self.ema_decay = torch.ones(rows, p, device=dev)  # (1 - alpha) ** count, for bias correction
         self.recent = torch.full((rows, bank.max_window, p), -torch.inf, device=dev)  # most recent first
         self.step_logits: torch.Tensor | None = None
+        self.latents: torch.Tensor | None = None  # [rows, pairs, m, 2] of this step, with a bank.readout
+        self.held: dict[HookPoint, torch.Tensor] | None = None
 
-    def begin_step(self, rows: int, seq: int) -> None:
+    def begin_step(self, rows: int, seq: int, *, hold: bool = False) -> None:
+        """`hold` keeps the activations at the readout's hook points for `read_latents` after the pass
+        (Score: the token an alert is attached to is known only once every token is scored); else
+        latents are read in the hook at the step's last token, the one a decode step reads."""
         self.step_logits = torch.zeros(rows, seq, self.bank.size, device=self.bank.device)
+        readout = self.bank.readout
+        if readout is not None:
+            self.latents = torch.zeros(rows, len(readout.pairs), readout.m, 2, device=self.bank.device)
+            self.held = {} if hold else None
 
     def record(self, point: HookPoint, h: torch.Tensor) -> None:
         """Called from the forward hook: score this hook point's detectors on every token."""
         group = self.bank.groups.get(point)
         if group is not None:
             group.record(h, self.step_logits)
+        readout = self.bank.readout
+        if readout is not None and point in readout.at:
+            if self.held is not None:
+                self.held[point] = h
+            else:
+                readout.read(point, h[:, -1], self.latents)
+
+    def read_latents(self, probs: torch.Tensor, scored: torch.Tensor) -> None:
+        """Read the held activations at each detector's highest-scoring token: the first of equal
+        ones among `scored` [rows, seq], as an argmax over the same `probs` [rows, seq, detectors]
+        on the host finds it."""
+        readout = self.bank.readout
+        peak = torch.where(scored[..., None], probs, -1.0).argmax(1)  # [rows, detectors]
+        for point, h in self.held.items():
+            cols = peak[:, readout.slots[point]]
+            readout.read(point, h.gather(1, cols[..., None].expand(-1, -1, h.shape[-1])), self.latents)
+        self.held = {}
 
     def update(self, mask: torch.Tensor) -> torch.Tensor:
         """Fold the step's logits into the aggregates; `mask` [rows, seq] marks scored tokens.

@@ -19,7 +19,7 @@ from monitor.cli_token import register as register_token_commands
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="White-box safety monitor for language models.")
 
-POOLS = ("mean", "last")  # token poolings training can sweep (what ModelRunner.capture pools)
+POOLS = ("mean", "last", "max")  # token poolings training can sweep (what ModelRunner.capture pools)
 
 
 def pack_folders(packs: list[Path] | None, detectors: list[str] | None) -> list[Path]:
@@ -39,6 +39,14 @@ def pack_folders(packs: list[Path] | None, detectors: list[str] | None) -> list[
     if not folders:
         fail("no probe packs: pass --pack FOLDER (a folder with manifest.json and weights.safetensors)")
     return folders
+
+
+def compare_folders(refs: list[str]) -> list[Path]:
+    """--compare: a shipped detector id, else a pack folder."""
+    from probes.pack import shipped_packs
+
+    shipped = shipped_packs() if refs else {}
+    return [shipped[r][0] if r in shipped else Path(r) for r in refs]
 
 
 def load_pack_folders(folders: list[Path], runner=None, detectors: list[str] | None = None):
@@ -75,6 +83,7 @@ def load_recipe(recipe: str, datasets: str | None, seed: int):
 # ------------------------------------------------------------------------------------ train
 
 LOGISTIC_GRID = [("logistic", {"C": c}) for c in (0.01, 0.1, 1.0)]
+SAE_PROBE_GRID = [("sae_probe", {"C": c}) for c in (0.03, 0.1, 0.3)]
 RECIPE_SWEEPS = {
     "harmful_intent": {"probes": LOGISTIC_GRID, "pools": ["mean", "last"], "calibration": "dev_benign"},
     "deception": {"probes": [*LOGISTIC_GRID, ("lat", {}), ("diff_means", {})], "pools": ["mean"],
@@ -106,7 +115,7 @@ def check_train_options(kind: list[str] | None, hook_point: list[str] | None, po
             fail(f"--hook-point: {e}")
     for p in pool or []:
         if p not in POOLS:
-            fail(f"unknown --pool {p!r}; use {' or '.join(POOLS)}")
+            fail(f"unknown --pool {p!r}; use one of {', '.join(POOLS)}")
 
 
 @app.command()
@@ -126,7 +135,10 @@ def train(
                                                          "resid_post every ~depth/15 blocks, 15%-80% of depth)")
                           ] = None,
     pool: Annotated[list[str] | None, typer.Option(help="token pooling(s) for training: mean, last "
-                                                   "(default: both)")] = None,
+                                                   "(default: both), max (SAE latents)")] = None,
+    sae: Annotated[str | None, typer.Option("--sae", help="train an SAE-feature detector on this SAE's latents "
+                                            "(a folder, or a shipped SAE id such as topk-18-resid-post-4096): "
+                                            "--kind sae_probe (default) or sae_latent")] = None,
     target_fpr: Annotated[float, typer.Option(help="false-positive rate on the benign set")] = 0.01,
     folds: Annotated[int, typer.Option(help="cross-validation folds for selection and calibration")] = 5,
     raw: Annotated[bool, typer.Option("--raw", help="score text as raw text, not as a user chat turn")] = False,
@@ -142,6 +154,16 @@ def train(
     if (recipe is None) == (data is None):
         fail("give either --recipe NAME or --data FILE")
     check_train_options(kind, hook_point, pool)
+    if sae is not None:
+        from monitor.sae import SAEError
+        from monitor.sae.store import resolve
+
+        if hook_point:
+            fail("--hook-point: an SAE-feature detector reads its SAE's hook point; leave --hook-point out")
+        try:
+            resolve(sae)
+        except SAEError as e:
+            fail(f"--sae: {e}")
     sweep = RECIPE_SWEEPS.get(recipe or "", {})
     if recipe:
         splits = load_recipe(recipe, datasets, seed)
@@ -168,15 +190,17 @@ def train(
     spec = TrainSpec(
         pack_id=pack_id or recipe or out_dir.name.replace(" ", "_").lower(),
         hook_points=hook_point or sweep_hook_points(runner.hooks.num_layers),
-        probes=[(k, {}) for k in kind] if kind else sweep.get("probes", [("logistic", {})]),
-        pools=pool or sweep.get("pools", list(POOLS)),
+        probes=[(k, {}) for k in kind] if kind else SAE_PROBE_GRID if sae else sweep.get("probes", [("logistic", {})]),
+        pools=pool or (["mean", "max"] if sae else sweep.get("pools", ["mean", "last"])),
+        sae=sae,
         input_format="raw" if raw else "chat",
         target_fpr=target_fpr,
         seed=seed,
         batch_size=batch_size,
         folds=folds,
-        description=sweep.get("description", ""),
-        enabled_by_default=sweep.get("enabled_by_default", True),
+        description=f"SAE-feature detector on the latents of SAE {sae}" if sae else sweep.get("description", ""),
+        # an SAE's encoder costs decode speed: a shipped feature detector is served when asked for
+        enabled_by_default=not sae and sweep.get("enabled_by_default", True),
     )
     try:
         pack, table = train_pack(runner, tdata, spec)
@@ -211,6 +235,9 @@ def eval_(
     as_json: Annotated[bool, typer.Option("--json", help="print JSON instead of a table")] = False,
     report: Annotated[Path | None, typer.Option("--report", help="write HTML/CSV/JSON reports (with baselines) "
                                                 "to this folder")] = None,
+    compare: Annotated[list[str] | None, typer.Option("--compare", help="with --report: a pack folder or shipped "
+                                                      "detector id shown beside each pack (e.g. an SAE-feature "
+                                                      "detector), scored on the same sets")] = None,
     seed: int = 0,
     batch_size: int = 16,
     model: ModelOpt = None,
@@ -229,10 +256,15 @@ def eval_(
         splits = load_recipe(recipe, datasets, seed)
         splits.eval_sets = {**sets, **splits.eval_sets}
         sets |= {"test": splits.test, **splits.eval_sets}
+    if compare and not report:
+        fail("--compare adds columns to the report: give --report FOLDER too")
     folders = pack_folders(pack, detector)
     load_pack_folders(folders, detectors=detector)  # before the model loads
+    others = compare_folders(compare or [])
+    load_pack_folders(others)
     runner = load_runner(model, device)
     packs = load_pack_folders(folders, runner, detector)
+    compared = load_pack_folders(others, runner)
     for chat in {p.manifest.input_format == "chat" for p in packs}:
         for name, rows in sets.items():
             encode_rows(runner, rows, chat=chat, source=sources.get(name, name))
@@ -244,7 +276,8 @@ def eval_(
 
             folder = report if len(packs) == 1 else report / p.manifest.id
             try:
-                index = write_report(folder, build_report_data(runner, p, splits, batch_size=batch_size, seed=seed))
+                index = write_report(folder, build_report_data(runner, p, splits, compare=compared,
+                                                               batch_size=batch_size, seed=seed))
             except (ValueError, OSError) as e:
                 fail(str(e))
             console.print(f"[green]report[/] {index}")

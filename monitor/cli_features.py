@@ -53,7 +53,8 @@ def search(
     positive: Annotated[Path, typer.Option("--positive", help="JSONL examples the latents should fire on: "
                                            "{text|messages} per line")],
     negative: Annotated[Path, typer.Option("--negative", help="JSONL examples to contrast them with")],
-    sae: Annotated[Path, typer.Option("--sae", help="SAE folder: SAELens, Gemma Scope (params.npz) or sparsify")],
+    sae: Annotated[str, typer.Option("--sae", help="SAE folder (SAELens, Gemma Scope params.npz, sparsify or "
+                                    "latentwatch) or the id of a shipped SAE, e.g. topk-18-resid-post-4096")],
     hook_point: Annotated[str | None, typer.Option("--hook-point", help="where the SAE reads, for a folder whose "
                                                    "files do not say (e.g. blocks.6.resid_post)")] = None,
     top: Annotated[int, typer.Option("--top", help="latents to report")] = 20,
@@ -71,6 +72,7 @@ def search(
 ):
     """Rank SAE latents by how well their per-example max activation separates --positive from --negative."""
     from monitor.sae import SAEError, load_sae
+    from monitor.sae.store import resolve
     from probes.features import SORTS, NoReadableTokens, search_features, write_html
 
     if fmt not in FORMATS:
@@ -86,7 +88,7 @@ def search(
     sets = {"positive": (positive, read_examples(positive, labelled=False)),
             "negative": (negative, read_examples(negative, labelled=False))}
     try:
-        loaded = load_sae(sae, hook_point=hook_point)
+        loaded = load_sae(resolve(sae), hook_point=hook_point)
     except SAEError as e:
         fail(str(e))
     runner = load_runner(model, device)

@@ -58,6 +58,9 @@ def serve(
     add_packs: Annotated[list[Path] | None, typer.Option(
         "--add-pack", help="Probe pack folder to serve IN ADDITION to the shipped (or --pack) packs "
         "(repeatable).")] = None,
+    saes: Annotated[list[str] | None, typer.Option(
+        "--sae", help="SAE to load for latent clamping and alert explanations: a folder or a shipped SAE id "
+        "(repeatable; feature detectors load theirs).")] = None,
     device: Annotated[str | None, typer.Option(help="torch device.", show_default="cuda if available, else cpu")
                       ] = None,
     text_policy: Annotated[str, typer.Option(help="Texts stored: always | alerts_only | never.",
@@ -83,8 +86,8 @@ def serve(
     from monitor.config import load_settings
 
     flags = {"port": port, "metrics_port": metrics_port, "db": db, "host": host, "model": model, "packs": packs,
-             "extra_packs": add_packs, "device": device, "text_policy": text_policy, "log_format": log_format,
-             "drain_seconds": drain_seconds, "auth_tokens": auth_tokens,
+             "extra_packs": add_packs, "saes": saes, "device": device, "text_policy": text_policy,
+             "log_format": log_format, "drain_seconds": drain_seconds, "auth_tokens": auth_tokens,
              "tls_cert": tls_cert, "tls_key": tls_key, "tls_client_ca": tls_client_ca, "insecure": insecure}
     param = {"extra_packs": "add_packs"}  # where the setting's name differs from the parameter's
     given = {k: v for k, v in flags.items() if ctx.get_parameter_source(param.get(k, k)).name == "COMMANDLINE"}
@@ -123,12 +126,14 @@ def serve(
 
 
 def check_before_loading(settings: Settings) -> list[Path]:
-    """What can be wrong without the model, checked before it loads: exposure, packs, database, tokens,
-    TLS files, ports.
+    """What can be wrong without the model, checked before it loads: exposure, packs, SAEs, database,
+    tokens, TLS files, ports.
 
     Returns the pack folders to serve. Only the packs' model fingerprints wait for the model.
     """
     from monitor.auth import TokenFileError, read_tokens
+    from monitor.sae import SAEError
+    from monitor.sae.store import open_sae
     from monitor.snapshot import pack_dirs
     from monitor.storage import StorageError, check_journal_dir, check_url
     from monitor.tls import TlsError, server_credentials
@@ -142,6 +147,11 @@ def check_before_loading(settings: Settings) -> list[Path]:
         load_packs(folders)
     except PackError as e:
         fail(str(e))
+    for ref in settings.saes:
+        try:
+            open_sae(ref)
+        except SAEError as e:
+            fail(f"saes: {e}")
     try:
         check_url(settings.db)
         check_journal_dir(settings.journal_path)
@@ -191,12 +201,25 @@ def alerts(
     if not rows:
         console.print("no alerts match")
         return
-    table = Table("time", "detector", "score", "threshold", "action", "request", "client", "token", "span")
+    table = Table("time", "detector", "score", "threshold", "action", "request", "client", "token", "span",
+                  "top tokens", "top latents")
     for r in rows:
         table.add_row(r.created_at.strftime("%Y-%m-%d %H:%M:%S"), f"{r.detector_id}@{r.detector_version}",
                       f"{r.score:.3f}", f"{r.threshold:.3f}", r.action, r.request_id[:12], r.client_id or "",
-                      "" if r.token_index is None else str(r.token_index), (r.span_text or "")[:40])
+                      "" if r.token_index is None else str(r.token_index), (r.span_text or "")[:40],
+                      *_explained(r.explanation))
     out.print(table)
+
+
+def _explained(explanation: dict | None, n: int = 3) -> tuple[str, str]:
+    """The first `n` tokens ('text'@position; the position alone where no text is kept) and latents
+    (sae:latent) of an alert's explanation, for one table row."""
+    if explanation is None:
+        return "", ""
+    tokens = (f"{t['text']!r}@{t['position']}" if t["text"] is not None else f"@{t['position']}"
+              for t in explanation["tokens"][:n])
+    latents = (f"{la['sae_id']}:{la['latent']}" for la in explanation["latents"][:n])
+    return " ".join(tokens), " ".join(latents)
 
 
 def info(

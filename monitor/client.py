@@ -9,7 +9,7 @@ Results are plain dataclasses so callers never handle protobuf messages:
             ...
 
 Enums cross as the domain names of `monitor.domain` (actions "alert"/"steer"/"block",
-intervention kinds "block"/"steer"/"override", steering kinds "add"/"ablate", positions
+intervention kinds "block"/"steer"/"override", steering kinds "add"/"ablate"/"clamp", positions
 "prompt"/"generated"/"all", request kinds "generate"/"score", finish reasons "stop"/"length"/
 "blocked"), through the tables of `monitor.enums`, the same ones the server uses. A number a
 response carries that the client does not know reads "unknown(N)"; an unset one "unspecified".
@@ -49,9 +49,9 @@ _REQUEST_KIND = _inverse(enums.REQUEST_KIND)
 _STEERING_KIND = _inverse(enums.STEERING_KIND)
 _POSITIONS = dict(enums.POSITIONS)  # already number -> name; unset reads as the server's default
 _FINISH = _inverse(enums.FINISH)
-# `enums.DETECTOR_KIND` is keyed by scorer kind ("affine", "mlp") and has no SAE entry, so the
-# wire name of the number itself is the only name a client can show: "linear_probe", "mlp_probe",
-# "sae_feature".
+# `enums.DETECTOR_KIND` is keyed by scorer kind ("affine", "mlp", "sae"), which says how a detector is
+# fused rather than what it is, so a client shows the wire name of the number: "linear_probe",
+# "mlp_probe", "sae_feature".
 _DETECTOR_KIND = {n: name.removeprefix("DETECTOR_KIND_").lower() for name, n in pb.DetectorKind.items() if n}
 # domain name -> number, for requests (positions: every name but the unset number's alias)
 _POSITIONS_IN = {name: n for n, name in enums.POSITIONS.items() if n}
@@ -77,6 +77,36 @@ def _time(msg, name: str) -> datetime | None:
 
 
 @dataclass(frozen=True)
+class TokenContribution:
+    """Score: index among the input's scored tokens; Generate: prompt tokens first, then generated token
+    i at prompt_tokens + i. `text` is "" where the server keeps no text."""
+
+    position: int
+    text: str
+    score: float
+
+
+@dataclass(frozen=True)
+class LatentActivation:
+    sae_id: str
+    latent: int
+    activation: float
+
+
+@dataclass(frozen=True)
+class Explanation:
+    """What drove an alert: its detector's highest-scoring tokens, the SAE latents active where it fired."""
+
+    tokens: list[TokenContribution]
+    latents: list[LatentActivation]
+
+    @classmethod
+    def from_proto(cls, e: pb.Explanation) -> Explanation:
+        return cls([TokenContribution(t.position, t.text, t.score) for t in e.tokens],
+                   [LatentActivation(la.sae_id, la.latent, la.activation) for la in e.latents])
+
+
+@dataclass(frozen=True)
 class Alert:
     alert_id: str
     request_id: str
@@ -93,6 +123,7 @@ class Alert:
     conversation_id: str = ""
     tags: dict[str, str] = field(default_factory=dict)
     snapshot_version: str = ""
+    explanation: Explanation | None = None
 
     @classmethod
     def from_proto(cls, a: pb.Alert) -> Alert:
@@ -100,7 +131,8 @@ class Alert:
         return cls(a.alert_id, a.request_id, a.detector_id, a.detector_version, a.score, a.threshold,
                    _name(_ACTION, a.action), a.token_index, _time(a, "create_time"), md.client_id,
                    _name(_REQUEST_KIND, a.request_kind), a.input_index, md.conversation_id, dict(md.tags),
-                   a.snapshot_version)
+                   a.snapshot_version,
+                   Explanation.from_proto(a.explanation) if a.HasField("explanation") else None)
 
 
 @dataclass(frozen=True)
@@ -138,12 +170,14 @@ class Token:
 class SteeringInfo:
     """The steering an intervention switched on (an inline vector is not echoed by the server)."""
 
-    kind: str  # add | ablate
+    kind: str  # add | ablate | clamp
     hook_point: str
-    coefficient: float
+    coefficient: float  # for clamp: the value the latent is set to
     vector_id: str
     positions: str  # prompt | generated | all
     trigger_detector_id: str = ""
+    sae_id: str = ""  # for clamp: the SAE and the latent clamped
+    latent: int = 0
 
 
 @dataclass(frozen=True)
@@ -174,7 +208,7 @@ class Intervention:
         if i.HasField("steering"):
             s = i.steering
             steering = SteeringInfo(_name(_STEERING_KIND, s.kind), s.hook_point, s.coefficient, s.vector_id,
-                                    _name(_POSITIONS, s.positions), s.trigger_detector_id)
+                                    _name(_POSITIONS, s.positions), s.trigger_detector_id, s.sae_id, s.latent)
         if i.HasField("override"):
             o = i.override
             override = OverrideInfo(o.detector_id, o.threshold if o.HasField("threshold") else None,
@@ -257,7 +291,8 @@ def _check_keys(where: str, d, allowed: tuple[str, ...]) -> None:
 
 
 _OVERRIDE_KEYS = ("detector_id", "threshold", "action")
-_STEERING_KEYS = ("vector_id", "vector", "hook_point", "kind", "coefficient", "positions", "trigger_detector_id")
+_STEERING_KEYS = ("vector_id", "vector", "hook_point", "kind", "coefficient", "value", "positions",
+                  "trigger_detector_id", "sae_id", "latent")
 
 
 def _override(i: int, o) -> pb.DetectorPolicy:
@@ -278,14 +313,21 @@ def _override(i: int, o) -> pb.DetectorPolicy:
 
 def _steering(i: int, s) -> pb.SteeringRequest:
     """{"vector": [...] or "vector_id": ..., "hook_point": ..., "kind": "add" | "ablate",
-    "coefficient": ..., "positions": "prompt" | "generated" | "all", "trigger_detector_id": ...}."""
+    "coefficient": ..., "positions": "prompt" | "generated" | "all", "trigger_detector_id": ...},
+    or a latent clamp {"kind": "clamp", "sae_id": ..., "latent": ..., "value" (or "coefficient"): ...}."""
     if isinstance(s, pb.SteeringRequest):
         return s
     where = f"steering[{i}]"
     _check_keys(where, s, _STEERING_KEYS)
+    if "value" in s and "coefficient" in s:
+        raise ValueError(f"{where}: give value or coefficient, not both (value is a clamp's name for it)")
+    latent = int(s.get("latent") or 0)
+    if latent < 0:
+        raise ValueError(f"{where}.latent: must be >= 0, got {latent}")
     msg = pb.SteeringRequest(vector_id=s.get("vector_id") or "", hook_point=s.get("hook_point") or "",
-                             coefficient=float(s.get("coefficient") or 0.0),
-                             trigger_detector_id=s.get("trigger_detector_id") or "")
+                             coefficient=float(s.get("value", s.get("coefficient")) or 0.0),
+                             trigger_detector_id=s.get("trigger_detector_id") or "", sae_id=s.get("sae_id") or "",
+                             latent=latent)
     if s.get("vector") is not None:
         msg.vector.extend(float(v) for v in s["vector"])
     if s.get("kind") is not None:
@@ -311,7 +353,8 @@ def generate_request(messages_or_prompt, *, max_new_tokens=0, temperature=None, 
     """A string is a raw prompt; a list of {"role", "content"} dicts is a chat.
 
     `policy_overrides`: dicts {"detector_id", "threshold", "action"} (action a domain name).
-    `steering`: dicts with the keys of `SteeringRequest` (kind and positions as domain names).
+    `steering`: dicts with the keys of `SteeringRequest` (kind and positions as domain names; a
+    clamp may call its coefficient `value`).
     Both need permissions for `client_id` in the server's config. An unknown key or enum name
     raises ValueError naming it, before anything is sent.
     """

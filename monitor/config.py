@@ -19,7 +19,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
-from monitor.domain import ActionName, TextPolicy
+from monitor.domain import EXPLAIN_MAX_LATENTS, EXPLAIN_MAX_TOKENS, ActionName, TextPolicy
 
 DEFAULT_DATA_DIR = Path("data")
 
@@ -63,7 +63,7 @@ class ClientPermissions(BaseModel):
         description="Overrides may also weaken monitoring below the server policy (higher thresholds, milder "
         "actions). Needs policy_overrides.",
     )
-    steering: bool = Field(False, description="May send steering vectors with Generate.")
+    steering: bool = Field(False, description="May send steering (vectors, latent clamps) with Generate.")
     steer_detector_directions: bool = Field(
         False,
         description="Steering may have a large component along a loaded detector's direction at or before its "
@@ -95,8 +95,25 @@ class Settings(BaseSettings):
         default_factory=list,
         description="Pack folders loaded in addition to `packs` (or to the shipped defaults when `packs` is unset).",
     )
+    saes: list[str] = Field(
+        default_factory=list,
+        description="SAEs to load for latent clamping and alert explanations: folders (any format "
+        "monitor.sae.load_sae reads) or ids of SAEs shipped in probes/saes. The SAEs of loaded feature "
+        "detectors are loaded with them.",
+    )
     detectors: dict[str, DetectorPolicyConfig] = Field(
         default_factory=dict, description="Per-detector policy by detector id; detectors not listed only alert."
+    )
+    explain_tokens: int = Field(
+        5, ge=0, le=EXPLAIN_MAX_TOKENS,
+        description="Every alert lists the N tokens its detector scored highest so far in the request (position, "
+        "text, score); 0 = none.",
+    )
+    explain_latents: int = Field(
+        8, ge=0, le=EXPLAIN_MAX_LATENTS,
+        description="Every alert also lists the M most active latents of each SAE (`saes`) at its detector's hook "
+        "point, at the token where it fired; 0 = none. Costs one SAE encode per SAE and decode step (Score: per "
+        "detector and input) at those hook points.",
     )
     permissions: dict[str, ClientPermissions] = Field(
         default_factory=dict,

@@ -91,13 +91,18 @@ END_REASONS = (*FINISH_REASONS, "cancelled", "deadline_exceeded", "error")  # an
 
 InterventionKind = Literal["block", "steer", "override"]
 INTERVENTION_KINDS: tuple[str, ...] = get_args(InterventionKind)
-SteeringKind = Literal["add", "ablate"]
+SteeringKind = Literal["add", "ablate", "clamp"]  # clamp: set an SAE latent (monitor.steering)
 STEERING_KINDS: tuple[str, ...] = get_args(SteeringKind)
 SteeringPositions = Literal["prompt", "generated", "all"]
 STEERING_POSITIONS: tuple[str, ...] = get_args(SteeringPositions)
 
 TextPolicy = Literal["always", "alerts_only", "never"]
 TEXT_POLICIES: tuple[str, ...] = get_args(TextPolicy)
+
+# Bounds of an alert's explanation (monitor/explain.py), so a stored alert stays small.
+EXPLAIN_MAX_TOKENS = 32  # tokens listed (setting explain_tokens)
+EXPLAIN_MAX_LATENTS = 64  # latents listed, over every SAE at the detector's hook point
+EXPLAIN_MAX_TEXT = 64  # characters kept of a token's text
 
 # ------------------------------------------------------------------------- authentication
 

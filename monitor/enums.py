@@ -16,6 +16,7 @@ STEERING_KIND = {name: pb.SteeringKind.Value(f"STEERING_KIND_{name.upper()}") fo
 POSITIONS = {pb.STEERING_POSITIONS_UNSPECIFIED: "generated", pb.STEERING_POSITIONS_PROMPT: "prompt",
              pb.STEERING_POSITIONS_GENERATED: "generated", pb.STEERING_POSITIONS_ALL: "all"}
 FINISH = {"stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH, "blocked": pb.FINISH_REASON_BLOCKED}
-DETECTOR_KIND = {"affine": pb.DETECTOR_KIND_LINEAR_PROBE, "mlp": pb.DETECTOR_KIND_MLP_PROBE}
+DETECTOR_KIND = {"affine": pb.DETECTOR_KIND_LINEAR_PROBE, "mlp": pb.DETECTOR_KIND_MLP_PROBE,
+                 "sae": pb.DETECTOR_KIND_SAE_FEATURE}  # by scorer kind (monitor.scorers)
 
 __all__ = ["ACTION", "DETECTOR_KIND", "FINISH", "INTERVENTION", "POSITIONS", "REQUEST_KIND", "ROLES", "STEERING_KIND"]

@@ -4,7 +4,9 @@
 the KV cache (the prefix is never re-run). Each `step()` returns a `TokenEvent` per active row
 with that token's per-detector probabilities and the running aggregate. Between steps the caller
 may stop a row or switch steering on for it. Finished rows leave the batch (cache, bank state and
-steering plan are pruned together). One host transfer per step carries tokens and scores.
+steering plan are pruned together). One host transfer per step carries tokens and scores, and
+what explains alerts (monitor.explain): the prompt's per-token scores with the prefill, the SAE
+latents at each step's token.
 Text that could still begin a stop string is held back until it is ruled out or completes one.
 """
 
@@ -56,6 +58,10 @@ class TokenEvent:
     token_probs: np.ndarray  # [detectors]
     aggregate: np.ndarray  # [detectors], running aggregate over prompt and generated tokens
     finish_reason: str | None = None  # "stop", "length" or None while running
+    # For alert explanations. The first event, with bank.explain_tokens: every scored prompt token's
+    # probabilities [tokens, detectors], from Encoded.score_from on (`token_probs` is the last of them).
+    prompt_probs: np.ndarray | None = None
+    latents: np.ndarray | None = None  # with a bank.readout: [pairs, m, 2] at the token this step read
 
 
 @dataclass
@@ -208,16 +214,26 @@ class Generation:
             runner.hook_pass = HookPass()
         tokens = sample(logits, self.sampling, [r.generator for r in self.rows])
         parts = [tokens.float()[:, None]]
-        p = 0
+        p, prompt_width = 0, 0
         if self.state is not None:
             agg = runner.update(self.state, scored).sigmoid()
             parts += [self.state.step_logits[:, -1].sigmoid(), agg]
             p = agg.shape[1]
+            if first and self.bank.explain_tokens:  # every prompt token's scores, once, for explanations
+                parts.append(self.state.step_logits.sigmoid().flatten(1))
+                prompt_width = self.state.step_logits.shape[1]
+            if self.state.latents is not None:
+                parts.append(self.state.latents.flatten(1))
         host = torch.cat(parts, 1).cpu().numpy()  # the one host transfer of this step
         self.next_tokens = tokens
+        rows, end = len(host), 1 + 2 * p + prompt_width * p
+        prompt = host[:, 1 + 2 * p : end].reshape(rows, prompt_width, p) if prompt_width else None
+        latents = None
+        if self.state is not None and self.state.latents is not None:
+            latents = host[:, end:].reshape(rows, *self.state.latents.shape[1:])
         if first and self.state is not None:
-            self.prompt_aggregate = [host[i, 1 + p :] for i in range(len(self.rows))]
-        return self._emit(host, p)
+            self.prompt_aggregate = [host[i, 1 + p : 1 + 2 * p] for i in range(rows)]
+        return self._emit(host[:, 0], host[:, 1 : 1 + p], host[:, 1 + p : 1 + 2 * p], prompt, latents)
 
     def __iter__(self):
         try:
@@ -228,10 +244,12 @@ class Generation:
 
     # ------------------------------------------------------------------------------ helpers
 
-    def _emit(self, host: np.ndarray, p: int) -> list[TokenEvent]:
+    def _emit(self, tokens: np.ndarray, probs: np.ndarray, aggregate: np.ndarray, prompt: np.ndarray | None,
+              latents: np.ndarray | None) -> list[TokenEvent]:
+        """Events from the step's host copy; `prompt` [rows, width, detectors] only after the prefill."""
         events, keep = [], []
         for i, row in enumerate(self.rows):
-            tok = int(host[i, 0])
+            tok = int(tokens[i])
             row.ids.append(tok)
             eos = tok in self.eos
             text, hit = row.stops.feed("" if eos else self._decode(row))
@@ -242,9 +260,12 @@ class Generation:
                 reason = "length"
             if reason and not hit:
                 text += row.stops.held  # no stop string can complete any more
-            events.append(
-                TokenEvent(row.request, len(row.ids) - 1, tok, text, host[i, 1 : 1 + p], host[i, 1 + p :], reason)
-            )
+            prompt_probs = None
+            if prompt is not None:  # the prefill: rows are still in prompt order
+                e = self.prompts[i]
+                prompt_probs = prompt[i, prompt.shape[1] - len(e) + e.score_from :]
+            events.append(TokenEvent(row.request, len(row.ids) - 1, tok, text, probs[i], aggregate[i], reason,
+                                     prompt_probs, latents[i] if latents is not None else None))
             if reason is None:
                 keep.append(i)
         if len(keep) != len(self.rows):

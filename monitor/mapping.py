@@ -97,38 +97,80 @@ def sampling(request: pb.GenerateRequest, settings: Settings) -> Sampling:
         raise RequestError("INVALID_ARGUMENT", f"sampling.{name}: out of range") from None
 
 
-def client_steering(request: pb.GenerateRequest, runner, known_detectors) -> list[ClientSteering]:
+def client_steering(request: pb.GenerateRequest, runner, snapshot) -> list[ClientSteering]:
     out = []
     for i, s in enumerate(request.steering):
         f = f"steering[{i}]"
-        if s.vector_id:
-            raise RequestError("NOT_FOUND", f"{f}.vector_id: no steering vector {clip(s.vector_id)} is registered")
-        if not s.vector:
-            raise RequestError("INVALID_ARGUMENT", f"{f}: set vector_id or vector")
-        if len(s.vector) != runner.d_model:
-            raise RequestError("INVALID_ARGUMENT", f"{f}.vector: has {len(s.vector)} values, "
-                                                   f"the model's hidden size is {runner.d_model}")
-        if not all(math.isfinite(v) for v in s.vector):
-            raise RequestError("INVALID_ARGUMENT", f"{f}.vector: values must be finite")
-        try:
-            point = runner.hooks.resolve(s.hook_point)
-        except HookPointError as e:
-            raise RequestError("INVALID_ARGUMENT", f"{f}.hook_point: {e}") from None
         kind = _enum(f"{f}.kind", s.kind, {v: k for k, v in STEERING_KIND.items()})
         if kind is None:
-            raise RequestError("INVALID_ARGUMENT", f"{f}.kind: must be STEERING_KIND_ADD or STEERING_KIND_ABLATE")
+            raise RequestError("INVALID_ARGUMENT", f"{f}.kind: must be STEERING_KIND_ADD, STEERING_KIND_ABLATE or "
+                                                   "STEERING_KIND_CLAMP")
         positions = _enum(f"{f}.positions", s.positions, POSITIONS, unset="generated")
         if not math.isfinite(s.coefficient):
             raise RequestError("INVALID_ARGUMENT", f"{f}.coefficient: must be finite")
-        try:
-            steering = Steering(point, kind, torch.tensor(list(s.vector)), s.coefficient, positions, id="inline")
-        except ValueError as e:
-            raise RequestError("INVALID_ARGUMENT", f"{f}: {e}") from None
+        if kind == "clamp":
+            steering = _clamp(f, s, runner, snapshot.saes, positions)
+        else:
+            steering = _vector_steering(f, s, kind, runner, positions)
         trigger = s.trigger_detector_id or None
-        if trigger is not None and trigger not in known_detectors:
+        if trigger is not None and trigger not in snapshot.by_id:
             raise RequestError("NOT_FOUND", f"{f}.trigger_detector_id: unknown detector id {clip(trigger)}")
         out.append(ClientSteering(steering, trigger))
     return out
+
+
+def _vector_steering(f: str, s: pb.SteeringRequest, kind: str, runner, positions: str) -> Steering:
+    """Add or ablate along an inline vector."""
+    if s.sae_id or s.latent:
+        raise RequestError("INVALID_ARGUMENT", f"{f}.{'sae_id' if s.sae_id else 'latent'}: only for "
+                                               "STEERING_KIND_CLAMP")
+    if s.vector_id:
+        raise RequestError("NOT_FOUND", f"{f}.vector_id: no steering vector {clip(s.vector_id)} is registered")
+    if not s.vector:
+        raise RequestError("INVALID_ARGUMENT", f"{f}: set vector_id or vector")
+    if len(s.vector) != runner.d_model:
+        raise RequestError("INVALID_ARGUMENT", f"{f}.vector: has {len(s.vector)} values, "
+                                               f"the model's hidden size is {runner.d_model}")
+    if not all(math.isfinite(v) for v in s.vector):
+        raise RequestError("INVALID_ARGUMENT", f"{f}.vector: values must be finite")
+    point = _hook_point(f, s.hook_point, runner)
+    try:
+        return Steering(point, kind, torch.tensor(list(s.vector)), s.coefficient, positions, id="inline")
+    except ValueError as e:
+        raise RequestError("INVALID_ARGUMENT", f"{f}: {e}") from None
+
+
+def _clamp(f: str, s: pb.SteeringRequest, runner, saes, positions: str) -> Steering:
+    """Set one latent of a loaded SAE, at the SAE's own hook point."""
+    for name in ("vector_id", "vector"):
+        if getattr(s, name):
+            raise RequestError("INVALID_ARGUMENT", f"{f}.{name}: must be unset with STEERING_KIND_CLAMP "
+                                                   "(sae_id and latent name what is clamped)")
+    loaded = f"loaded: {sorted(saes)}"
+    if not s.sae_id:
+        raise RequestError("INVALID_ARGUMENT", f"{f}.sae_id: required with STEERING_KIND_CLAMP; {loaded}")
+    sae = saes.get(s.sae_id)
+    if sae is None:
+        raise RequestError("NOT_FOUND", f"{f}.sae_id: no SAE {clip(s.sae_id)} is loaded; {loaded}")
+    if s.latent >= sae.d_sae:
+        raise RequestError("INVALID_ARGUMENT", f"{f}.latent: {s.latent} is out of range; SAE {sae.id!r} has "
+                                               f"latents 0..{sae.d_sae - 1}")
+    if s.hook_point and _hook_point(f, s.hook_point, runner) != sae.hook_point:
+        raise RequestError("INVALID_ARGUMENT", f"{f}.hook_point: SAE {sae.id!r} reads {sae.hook_point}; leave "
+                                               "hook_point empty or give that one")
+    try:
+        runner.hooks.resolve(sae.hook_point)
+    except HookPointError as e:
+        raise RequestError("INVALID_ARGUMENT", f"{f}.sae_id: SAE {sae.id!r} cannot be clamped on this model: "
+                                               f"{e}") from None
+    return Steering.clamp(sae, s.latent, s.coefficient, positions)
+
+
+def _hook_point(f: str, name: str, runner):
+    try:
+        return runner.hooks.resolve(name)
+    except HookPointError as e:
+        raise RequestError("INVALID_ARGUMENT", f"{f}.hook_point: {e}") from None
 
 
 def overrides(request: pb.GenerateRequest) -> list[Override]:
@@ -155,21 +197,34 @@ def alert(rec, md: pb.RequestMetadata | None = None) -> pb.Alert:
     if md is None:
         md = pb.RequestMetadata(client_id=rec.client_id or "", conversation_id=rec.conversation_id or "",
                                 tags=dict(rec.tags or {}))
-    return pb.Alert(alert_id=rec.alert_id, create_time=timestamp(rec.created_at), request_id=rec.request_id,
-                    request_kind=REQUEST_KIND.get(rec.request_kind, 0), detector_id=rec.detector_id,
-                    detector_version=rec.detector_version, score=rec.score, threshold=rec.threshold,
-                    action=ACTION.get(rec.action, 0), token_index=rec.token_index or 0,
-                    input_index=rec.input_index or 0, metadata=md, snapshot_version=rec.snapshot_version or "")
+    msg = pb.Alert(alert_id=rec.alert_id, create_time=timestamp(rec.created_at), request_id=rec.request_id,
+                   request_kind=REQUEST_KIND.get(rec.request_kind, 0), detector_id=rec.detector_id,
+                   detector_version=rec.detector_version, score=rec.score, threshold=rec.threshold,
+                   action=ACTION.get(rec.action, 0), token_index=rec.token_index or 0,
+                   input_index=rec.input_index or 0, metadata=md, snapshot_version=rec.snapshot_version or "")
+    if rec.explanation is not None:
+        e = rec.explanation
+        msg.explanation.CopyFrom(pb.Explanation(
+            tokens=[pb.TokenContribution(position=t["position"], text=t["text"] or "", score=t["score"])
+                    for t in e["tokens"]],
+            latents=[pb.LatentActivation(sae_id=la["sae_id"], latent=la["latent"], activation=la["activation"])
+                     for la in e["latents"]]))
+    return msg
 
 
 def intervention(rec, md: pb.RequestMetadata) -> pb.Intervention:
+    """An InterventionRecord (as made) or an InterventionRow (as stored): the same message either way.
+    A clamp is echoed as it is asked for, by sae_id and latent (vector_id unset)."""
     msg = pb.Intervention(intervention_id=rec.intervention_id, create_time=timestamp(rec.created_at),
                           request_id=rec.request_id, kind=INTERVENTION[rec.kind], detector_id=rec.detector_id or "",
                           token_index=rec.token_start, metadata=md, snapshot_version=rec.snapshot_version)
     if rec.kind == "steer":
+        clamp = rec.steering_kind == "clamp"
         msg.steering.CopyFrom(pb.SteeringRequest(
-            vector_id=rec.vector_id or "", hook_point=rec.hook_point or "", coefficient=rec.coefficient or 0.0,
-            kind=STEERING_KIND[rec.steering_kind], trigger_detector_id=rec.detector_id or "",
+            vector_id="" if clamp else rec.vector_id or "", hook_point=rec.hook_point or "",
+            coefficient=rec.coefficient or 0.0, kind=STEERING_KIND[rec.steering_kind],
+            trigger_detector_id=rec.detector_id or "", sae_id=rec.details.get("sae_id", ""),
+            latent=rec.details.get("latent", 0),
             positions={v: k for k, v in POSITIONS.items() if k}.get(rec.details.get("positions"), 0)))
     elif rec.kind == "override":
         o = pb.DetectorPolicy(detector_id=rec.detector_id or "", action=ACTION.get(rec.details.get("action"), 0))
@@ -188,7 +243,7 @@ def score_result(enc, res, rules, token_scores: bool) -> pb.ScoreResult:
             dr.token_scores.extend(finite(p) for p in res.token_probs[:, r.slot])
         out.detectors.append(dr)
     if token_scores:
-        out.tokens.extend(enc.text[a:b] for a, b in enc.offsets[enc.score_from:])
+        out.tokens.extend(enc.token_text(i) for i in range(enc.score_from, len(enc)))
     return out
 
 

@@ -76,6 +76,10 @@ class Encoded:
     def __len__(self) -> int:
         return len(self.ids)
 
+    def token_text(self, i: int) -> str:
+        a, b = self.offsets[i]
+        return self.text[a:b]
+
 
 @dataclass
 class ScoreResult:
@@ -83,6 +87,8 @@ class ScoreResult:
     flagged: np.ndarray  # [detectors] bool, at each detector's threshold
     token_probs: np.ndarray | None = None  # [scored tokens, detectors]
     token_offsets: list[tuple[int, int]] = field(default_factory=list)
+    # with token_probs and a bank.readout: [pairs, m, 2] (latent, activation) at each detector's top token
+    latents: np.ndarray | None = None
 
 
 class StopForward(Exception):
@@ -320,6 +326,8 @@ class ModelRunner:
 
         With `early_stop` the forward pass ends after the deepest hook point the bank reads and
         no logits are computed; `early_stop=False` is the full-forward baseline for benchmarks.
+        With `token_scores` and a `bank.readout`, results also hold the SAE latents at each
+        detector's highest-scoring token (what Score alerts are attached to), for explanations.
         """
         results: list[ScoreResult | None] = [None] * len(items)
         if bank.size == 0:
@@ -329,13 +337,21 @@ class ModelRunner:
             for idx, b in self.batches(items, batch_size, "scoring", progress):
                 state = bank.state(len(idx))
                 self.hook_pass = HookPass(bank_state=state, stop_at=bank.deepest if early_stop else None)
-                state.begin_step(*b["input_ids"].shape)
+                state.begin_step(*b["input_ids"].shape, hold=True)
                 self.forward(b, logits=not early_stop)
                 agg = self.update(state, b["scored"])
                 width = b["input_ids"].shape[1]
-                # one host transfer per batch: aggregates ride along as an extra "position"
-                out = torch.cat([state.step_logits, agg[:, None]], 1) if token_scores else agg[:, None]
-                out = out.sigmoid().cpu().numpy()
+                # one host transfer per batch: aggregates ride along as an extra "position", latents after all
+                probs = (torch.cat([state.step_logits, agg[:, None]], 1) if token_scores else agg[:, None]).sigmoid()
+                parts = [probs.flatten(1)]
+                explain = token_scores and state.latents is not None
+                if explain:
+                    with self.monitoring():
+                        state.read_latents(probs[:, :-1], b["scored"])
+                    parts.append(state.latents.flatten(1))
+                host = torch.cat(parts, 1).cpu().numpy()
+                out = host[:, : probs[0].numel()].reshape(probs.shape)
+                lat = host[:, probs[0].numel() :].reshape(len(idx), *state.latents.shape[1:]) if explain else None
                 agg, tok = out[:, -1], out[:, :-1] if token_scores else None
                 for j, i in enumerate(idx):
                     e = items[i]
@@ -343,6 +359,7 @@ class ModelRunner:
                     if tok is not None:
                         res.token_probs = tok[j, width - len(e) + e.score_from :]
                         res.token_offsets = e.offsets[e.score_from :]
+                        res.latents = lat[j] if lat is not None else None
                     results[i] = res
         return results
 
@@ -353,13 +370,15 @@ class ModelRunner:
         *,
         batch_size: int = 16,
         progress: bool = False,
+        encode: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> dict[tuple[HookPoint, str], np.ndarray]:
-        """Pooled activations over the scored tokens: {(point, "last"|"mean"): [n, d_model]}.
+        """Pooled activations over the scored tokens: {(point, "last"|"mean"|"max"): [n, width]}.
 
+        `encode` maps every token's activation first (an SAE's encoder: pooled latents, width d_sae).
         Pooling happens on the device inside the hook; one transfer per batch.
         """
         points = sorted(set(points))
-        out = {(p, pool): np.zeros((len(items), self.d_model), np.float32) for p in points for pool in ("last", "mean")}
+        out: dict[tuple[HookPoint, str], np.ndarray] = {}
         with self.attached(points):
             for idx, b in self.batches(items, batch_size, "collecting activations", progress):
                 scored = b["scored"][..., None]
@@ -367,25 +386,32 @@ class ModelRunner:
 
                 def pooler(p: HookPoint):
                     def pool(h: torch.Tensor) -> None:
-                        h = h.float()
+                        h = h.float() if encode is None else encode(h).float()
                         pooled[(p, "last")] = h[:, -1]
                         pooled[(p, "mean")] = torch.where(scored, h, 0.0).sum(1) / scored.sum(1)
+                        pooled[(p, "max")] = torch.where(scored, h, -torch.inf).amax(1)
 
                     return pool
 
                 self.hook_pass = HookPass(capture={p: pooler(p) for p in points}, stop_at=points[-1])
                 self.forward(b, logits=False)
-                host = {k: v.cpu().numpy() for k, v in pooled.items()}
-                for k, v in host.items():
-                    out[k][idx] = v
+                for k, v in pooled.items():
+                    out.setdefault(k, np.zeros((len(items), v.shape[-1]), np.float32))[idx] = v.cpu().numpy()
         return out
 
     def update(self, state: BankState, scored: torch.Tensor) -> torch.Tensor:
         """Fold a step into the bank state, counting the time as monitoring overhead."""
+        with self.monitoring():
+            return state.update(scored)
+
+    @contextlib.contextmanager
+    def monitoring(self):
+        """Count the block's host time as monitoring overhead."""
         started = time.perf_counter()
-        agg = state.update(scored)
-        self.monitor_seconds += time.perf_counter() - started
-        return agg
+        try:
+            yield
+        finally:
+            self.monitor_seconds += time.perf_counter() - started
 
     def take_monitor_seconds(self) -> float:
         """Monitoring time since the last call (host-side; on CUDA this is launch time)."""

@@ -32,6 +32,7 @@ from monitor.config import Settings
 from monitor.decisions import decide
 from monitor.domain import END_OUTCOME
 from monitor.errors import RequestError
+from monitor.explain import explanation
 from monitor.grpc_services import add_health_and_reflection
 from monitor.interceptor import ErrorInterceptor, current
 from monitor.limits import Admission
@@ -106,8 +107,10 @@ class MonitorService(pb_grpc.MonitorServicer):
             for d in decisions:
                 tok = int(res.token_probs[:, d.rule.slot].argmax())
                 a, b = res.token_offsets[tok] if res.token_offsets else (None, None)
+                why = explanation(snap.bank, d.rule.slot, res.token_probs, 0,
+                                  lambda j, e=enc: e.token_text(e.score_from + j), res.latents)
                 self.trail.alert(ctx, d.rule, d.score, tok, action="alert", input_index=i,
-                                 span=(a, b, enc.text[a:b] if a is not None else None))
+                                 span=(a, b, enc.text[a:b] if a is not None else None), explanation=why)
             if decisions:
                 alerted.append(enc.text)
             for r in reported:
@@ -139,7 +142,7 @@ class MonitorService(pb_grpc.MonitorServicer):
         overrides = mapping.overrides(request)
         rules = apply_overrides(snap, client, overrides)
         sampling = mapping.sampling(request, self.settings)
-        steering = mapping.client_steering(request, self.runner, snap.by_id)
+        steering = mapping.client_steering(request, self.runner, snap)
         check_steering(snap, client, steering)
         if request.prompt:
             enc = await self._encode("prompt", text=request.prompt)
@@ -154,7 +157,8 @@ class MonitorService(pb_grpc.MonitorServicer):
         ctx = mapping.context("generate", request.metadata, snap.version)
         current.get().request_id = ctx.request_id
         stream = GenerateStream(ctx, self.trail, encoded=enc, reported=[r for r in rules if r.id in shown],
-                                include_scores=request.include_token_scores, loop=asyncio.get_running_loop())
+                                include_scores=request.include_token_scores, loop=asyncio.get_running_loop(),
+                                bank=snap.bank, decode=self.runner.tokenizer.decode)
         job = GenerateJob(enc, sampling, snap, rules, steering,
                           time.monotonic() + remaining if remaining is not None else None, stream.deliver)
         self.trail.request(ctx, prompt_tokens=len(enc), prompt_text=enc.text)  # the row exists from admission

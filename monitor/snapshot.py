@@ -15,10 +15,14 @@ from datetime import UTC, datetime
 from pathlib import Path
 from types import MappingProxyType
 
+import torch
+
 from monitor.bank import Detector, DetectorBank
 from monitor.config import ClientPermissions, DetectorPolicyConfig, Settings
 from monitor.domain import ACTIONS, Action
 from monitor.errors import RequestError, clip
+from monitor.sae import SAE
+from monitor.sae.store import open_sae
 from monitor.steering import Steering
 from probes.pack import default_pack_dirs, load_packs
 
@@ -49,6 +53,8 @@ class Snapshot:
     rules: tuple[Rule, ...]
     permissions: Mapping[str, ClientPermissions] = field(default_factory=dict)
     steering_max_cosine: float = 0.2
+    # SAEs by id, on the model's device: the configured ones and those feature detectors read
+    saes: Mapping[str, SAE] = field(default_factory=dict)
     loaded_at: datetime = field(default_factory=lambda: datetime.now(UTC))
 
     @property
@@ -89,12 +95,29 @@ def build_snapshot(settings: Settings, runner) -> Snapshot:
     unknown = set(settings.detectors) - {p.manifest.id for p in packs}
     if unknown:
         raise ValueError(f"detectors: policy configured for detectors that are not loaded: {sorted(unknown)}")
-    bank = DetectorBank([Detector.from_pack(p) for p in packs], device=runner.device) if packs else None
+    saes = _saes(settings, runner, packs)
+    bank = DetectorBank([Detector.from_pack(p) for p in packs], device=runner.device, saes=saes,
+                        explain_tokens=settings.explain_tokens,
+                        explain_latents=settings.explain_latents) if packs else None
     rules = tuple(_rule(bank, slot, settings.detectors.get(d.id, DetectorPolicyConfig()))
                   for slot, d in enumerate(bank.detectors if bank else []))
     perms = {k: v.model_dump() for k, v in sorted(settings.permissions.items())}
-    return Snapshot(_version(bank, rules, [perms, settings.steering_max_detector_cosine]), bank, rules,
-                    MappingProxyType(dict(settings.permissions)), settings.steering_max_detector_cosine)
+    policy = [perms, settings.steering_max_detector_cosine, sorted((i, s.source) for i, s in saes.items())]
+    return Snapshot(_version(bank, rules, policy), bank, rules, MappingProxyType(dict(settings.permissions)),
+                    settings.steering_max_detector_cosine, MappingProxyType(saes))
+
+
+def _saes(settings: Settings, runner, packs) -> dict[str, SAE]:
+    """The configured SAEs and those of feature detectors, by id, moved to the model's device once."""
+    found: dict[str, SAE] = {}
+    for ref in settings.saes:
+        sae = open_sae(ref, expect=runner.fingerprint, d_model=runner.d_model)
+        found.setdefault(sae.id, sae)
+    for pack in packs:
+        sae = getattr(pack.probe, "sae", None)
+        if sae is not None:
+            found.setdefault(sae.id, sae)
+    return {i: s.to(runner.device) for i, s in found.items()}
 
 
 def with_action(bank: DetectorBank, rule: Rule, action: str, coefficient: float = 1.0) -> Rule:
@@ -123,10 +146,12 @@ def _version(bank: DetectorBank | None, rules: tuple[Rule, ...], policy: list) -
     h = hashlib.sha256()
     for d in bank.detectors if bank else []:
         h.update(f"{d.id}\0{d.version}\0{d.hook_point}\0{d.aggregation}\0{d.alpha}\0{d.window}\0".encode())
-        for name in ("w1", "b1", "w2"):
+        for name in ("w1", "b1", "w2", "latents", "weights", "bias"):  # ScoringHead, LatentHead
             t = getattr(d.head, name, None)
             if t is not None:
-                h.update(t.detach().cpu().float().numpy().tobytes())
+                h.update(torch.as_tensor(t).detach().cpu().float().numpy().tobytes())
+        if (sae := getattr(d.head, "sae", None)) is not None:
+            h.update(f"{sae.id}\0{sae.source}\0".encode())
     h.update(json.dumps([(r.id, r.threshold, r.action, r.steering.coefficient if r.steering else None)
                          for r in rules] + policy).encode())
     return h.hexdigest()[:12]

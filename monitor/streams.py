@@ -20,10 +20,12 @@ import numpy as np
 from latentwatch.v1 import monitor_pb2 as pb
 from monitor import mapping
 from monitor.admission import ClientSteering
+from monitor.bank import DetectorBank
 from monitor.decisions import Decision, Reaction, decide, reaction
 from monitor.domain import END_OUTCOME, FINISH_REASONS
 from monitor.enums import FINISH
 from monitor.errors import RequestError
+from monitor.explain import explanation
 from monitor.generation import Sampling, TokenEvent
 from monitor.runner import Encoded
 from monitor.scheduler import GenJob
@@ -59,12 +61,20 @@ class GenerateJob(GenJob):
 
 
 class GenerateStream:
-    """The event loop's side: turns what the model thread delivers into records and stream events."""
+    """The event loop's side: turns what the model thread delivers into records and stream events.
+
+    For alert explanations it keeps every scored token's probabilities (with the bank's
+    `explain_tokens`) and the generated token ids; `decode` gives a token id list's text.
+    """
 
     def __init__(self, ctx: RequestContext, trail: Trail, *, encoded: Encoded, reported: list[Rule],
-                 include_scores: bool, loop: asyncio.AbstractEventLoop):
+                 include_scores: bool, loop: asyncio.AbstractEventLoop, bank: DetectorBank | None,
+                 decode: Callable[[list[int]], str]):
         self.ctx, self.trail, self.encoded, self.loop = ctx, trail, encoded, loop
         self.reported, self.include_scores = reported, include_scores
+        self.bank, self.decode = bank, decode
+        self.scores: list[np.ndarray] = []  # [tokens, detectors] blocks, from the first scored prompt token on
+        self.ids: list[int] = []  # generated token ids
         self.md = mapping.metadata(ctx)
         self.queue: asyncio.Queue = asyncio.Queue()
         self.alerts: list[pb.Alert] = []
@@ -112,9 +122,16 @@ class GenerateStream:
             self.aggregate = ev.aggregate
             for r in self.reported:
                 m.observe_score(r.id, mapping.finite(ev.token_probs[r.slot]))
+        self.ids.append(ev.token_id)
+        if ev.prompt_probs is not None:  # the first token: the prompt's scored tokens, the last one read
+            self.scores.append(ev.prompt_probs.copy())  # (copies: views would keep the whole step's array)
+        elif self.scores:  # later ones: the token this step read (the one before ev's)
+            self.scores.append(ev.token_probs[None].copy())
         blocked = False
+        scores = np.concatenate(self.scores) if decisions and self.scores else None
         for d in decisions:
-            alert, interventions = self.trail.decision(self.ctx, d)
+            why = explanation(self.bank, d.rule.slot, scores, self.encoded.score_from, self._token_text, ev.latents)
+            alert, interventions = self.trail.decision(self.ctx, d, why)
             msg = mapping.alert(alert, self.md)
             self.alerts.append(msg)
             out.append(pb.GenerateResponse(alert=msg))
@@ -129,6 +146,11 @@ class GenerateStream:
             self.text += ev.text
             self.completion_tokens += 1
         self.queue.put_nowait(out)
+
+    def _token_text(self, position: int) -> str:
+        """Positions count the prompt's tokens first, then the generated ones."""
+        n = len(self.encoded)
+        return self.encoded.token_text(position) if position < n else self.decode([self.ids[position - n]])
 
     def _end(self, reason: str, error: BaseException | None) -> None:
         self.reason = reason

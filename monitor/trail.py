@@ -9,6 +9,7 @@ is the id that is stored.
 from __future__ import annotations
 
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -81,27 +82,34 @@ class Trail:
 
     def alert(self, ctx: RequestContext, rule: Rule, score: float, token_index: int | None, *,
               action: str | None = None, input_index: int | None = None,
-              span: tuple[int | None, int | None, str | None] = (None, None, None)) -> AlertRecord:
+              span: tuple[int | None, int | None, str | None] = (None, None, None),
+              explanation: Mapping[str, Any] | None = None) -> AlertRecord:
         rec = AlertRecord(ctx.request_id, rule.id, rule.version, score, rule.threshold, action or rule.action,
                           token_index=token_index, span_start=span[0], span_end=span[1], span_text=span[2],
                           client_id=ctx.client_id, snapshot_version=ctx.snapshot_version, request_kind=ctx.kind,
-                          input_index=input_index, conversation_id=ctx.conversation_id, tags=ctx.tags)
+                          input_index=input_index, conversation_id=ctx.conversation_id, tags=ctx.tags,
+                          explanation=explanation)
         self.submit(rec)
         self.metrics.record_alert(rule.id, rec.action)
         return rec
 
-    def decision(self, ctx: RequestContext, d: Decision) -> tuple[AlertRecord, list[InterventionRecord]]:
+    def decision(self, ctx: RequestContext, d: Decision,
+                 explanation: Mapping[str, Any] | None = None) -> tuple[AlertRecord, list[InterventionRecord]]:
         """An alert for the decision, then what it did: a block, or the steering it switched on."""
-        alert = self.alert(ctx, d.rule, d.score, d.token_index)
+        alert = self.alert(ctx, d.rule, d.score, d.token_index, explanation=explanation)
         if d.action.stops:
             return alert, [self._intervention(ctx, "block", d.token_index, d.rule.id, d.rule.id)]
         return alert, [self.steering(ctx, s, d.token_index + 1, trigger=d.rule.id) for s in d.steering]
 
     def steering(self, ctx: RequestContext, s: Steering, token_index: int, *,
                  trigger: str | None) -> InterventionRecord:
+        """A clamp keeps its SAE and latent in `details` (its vector_id reads ``<sae id>:<latent>``)."""
+        details = {"positions": s.positions}
+        if s.kind == "clamp":
+            details |= {"sae_id": s.sae.id, "latent": s.latent}
         return self._intervention(ctx, "steer", token_index, trigger, trigger or "request", steering_kind=s.kind,
                                   hook_point=str(s.hook_point), vector_id=s.id or "inline",
-                                  coefficient=float(s.coefficient), details={"positions": s.positions})
+                                  coefficient=float(s.coefficient), details=details)
 
     def client_steering(self, ctx: RequestContext, items: list[ClientSteering]) -> list[InterventionRecord]:
         """Steering asked for from the start is on the trail at admission; triggered steering when it starts."""

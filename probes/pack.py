@@ -124,7 +124,8 @@ class ProbePack:
     manifest: Manifest
     probe: Probe
 
-    def head(self) -> ScoringHead:
+    def head(self):
+        """What the bank scores: a ScoringHead, or a LatentHead for SAE-feature kinds."""
         return self.probe.head()
 
     def save(self, folder: Path | str) -> None:
@@ -183,7 +184,16 @@ class ProbePack:
             probe = kind.from_tensors(config, tensors)
         except ValueError as e:
             raise PackError(folder, f"wrong shape: {e}", "re-export the pack") from None
-        d_weights = _folded_head(probe).w1.shape[0]
+        try:
+            probe.attach(folder, expect, manifest.d_model)
+        except ValueError as e:  # SAEError names the SAE's folder and what is wrong with it
+            raise PackError(folder, f"cannot load the SAE it reads: {e}", "copy that SAE beside the pack, or "
+                            "retrain the detector on an SAE you have") from None
+        sae = getattr(probe, "sae", None)
+        if sae is not None and str(sae.hook_point) != manifest.hook_point:
+            raise PackError(folder, f"the manifest says hook_point {manifest.hook_point}, but its SAE "
+                            f"({sae.source}) reads {sae.hook_point}", "fix hook_point in manifest.json")
+        d_weights = _folded_head(probe).d_in
         if d_weights != manifest.d_model:
             raise PackError(
                 folder,
@@ -322,21 +332,27 @@ def check_inputs(d_model: int) -> torch.Tensor:
     return torch.cat([x, torch.zeros(1, d_model)])
 
 
-def head_problem(head: ScoringHead) -> str | None:
+def head_problem(head) -> str | None:
     """Why this head would silently disable its detector, or None.
 
     NaN scores never cross a threshold and a constant score cannot tell inputs apart, so both pass
     every schema check and still leave the detector unable to flag anything.
     """
-    parts = {"w1": head.w1, "b1": head.b1, "w2": head.w2, "b2": torch.tensor(head.b2)}
+    if isinstance(head, ScoringHead):
+        parts = {"w1": head.w1, "b1": head.b1, "w2": head.w2, "b2": torch.tensor(head.b2)}
+    else:  # a LatentHead
+        parts = {"weights": head.weights, "bias": torch.tensor(head.bias)}
     overflow = [name for name, t in parts.items() if t is not None and not torch.isfinite(t).all()]
     if overflow:
         return (
             f"its folded scoring weights ({', '.join(overflow)}) overflow float32, e.g. a std of 0 "
             "or a weight near float32's limit"
         )
+    inputs = check_inputs(head.d_in)
+    if hasattr(head, "firing_inputs"):  # random activations rarely make a given SAE latent fire
+        inputs = torch.cat([inputs, head.firing_inputs(CHECK_NORM)])
     with torch.no_grad():
-        logits = head.logits(check_inputs(head.w1.shape[0]))
+        logits = head.logits(inputs)
     if not torch.isfinite(logits).all():
         bad = int((~torch.isfinite(logits)).sum())
         return f"its scoring head gives NaN or inf on {bad} of {len(logits)} check inputs"

@@ -495,9 +495,10 @@ def _manifest_summary(pack) -> dict[str, Any]:
     return out
 
 
-def build_report_data(runner, pack, splits, *, baselines: bool = True, n_heatmaps: int = 6, batch_size: int = 16,
-                      seed: int = 0, progress: bool = True) -> ReportData:
-    """Score the pack, a TF-IDF baseline and the prompted judge on the splits' held-out sets.
+def build_report_data(runner, pack, splits, *, compare=(), baselines: bool = True, n_heatmaps: int = 6,
+                      batch_size: int = 16, seed: int = 0, progress: bool = True) -> ReportData:
+    """Score the pack, the `compare` packs (e.g. SAE-feature detectors trained on the same recipe), a
+    TF-IDF baseline and the prompted judge on the splits' held-out sets.
 
     Baselines are calibrated at the pack's target FPR on the pack's own named benign set; where
     the splits lack that set (plain --data evaluation) they report threshold-free metrics only,
@@ -515,6 +516,10 @@ def build_report_data(runner, pack, splits, *, baselines: bool = True, n_heatmap
     labels = {k: np.array([e.label for e in v], dtype=int) for k, v in sets.items()}
     methods = {"probe": MethodScores(score_sets(runner, pack, sets, batch_size=batch_size, progress=progress),
                                      m.threshold, f"{m.kind} @ {m.hook_point}, {m.aggregation.kind}")}
+    for other in compare:
+        o = other.manifest
+        methods[o.id] = MethodScores(score_sets(runner, other, sets, batch_size=batch_size, progress=progress),
+                                     o.threshold, f"{o.kind} @ {o.hook_point}, {o.aggregation.kind}")
     notes = []
     if baselines:
         cal_name = m.calibration.benign_set if m.calibration else None

@@ -67,11 +67,12 @@ class SAETrainSpec:
     dead_tokens: int | None = None  # tokens without firing that make a latent dead; default min(10M, tokens / 10)
     b_dec_init: Literal["geometric_median", "mean"] = "geometric_median"
     buffer_tokens: int = 2**16  # the shuffle buffer (d_in float32 each: 150 MB at d_in 576)
-    cache_tokens: int = 2**18  # activations kept for later epochs when the data has no more (600 MB at 576)
+    cache_gib: float = 3.0  # activations kept for later epochs when one epoch fits (1.4M tokens at d_model 576)
     capture_batch: int = 32  # texts per forward pass
     max_text_tokens: int = 512  # longer texts are cut (an activation's context is all before it anyway)
     generate: int = 256  # training prompts the model answers (every other one greedy, the rest sampled)
     max_new_tokens: int = 64
+    max_prompt_chars: int = 400  # prompts answered are at most this long
     temperature: float = 0.8  # for the sampled answers
     input_format: Literal["chat", "raw"] = "chat"
     dtype: str = "int8"  # how the pack stores W_enc and W_dec
@@ -125,23 +126,64 @@ def split_held_out(examples: Sequence[Example], fraction: float, seed: int) -> t
     return train, out
 
 
-def recipe_data(datasets=None, seed: int = 0, *, alpaca: bool = False, held_out: float = 0.1) -> SAEData:
-    """The train and val rows of both probe recipes (harmful intent, deception), read from the datasets folder.
+# Unlabelled text the SAE also reads: every shared dataset the recipes do not train on (Alpaca aside),
+# minus any text a detector is evaluated on (see `recipe_data`).
+EXTRA_SOURCES = (
+    ("liedetector_qa", "liedetector_qa.jsonl"),
+    ("jailbreak_templates", "jailbreak_templates.jsonl"),
+    ("jbb_artifacts", "jbb_artifacts.jsonl"),
+    ("tense_reformulations", "future_tense.jsonl"),
+    ("catqa", "catqa.jsonl"),
+    ("harmfulqa", "harmfulqa.jsonl"),
+    ("nq_open", "nq_open_dev.jsonl"),
+)
 
-    Their test rows and evaluation sets are left out, so an SAE-feature detector evaluated on them
-    faces text its dictionary never saw; `seed` is the recipes' split seed, which must be the one
-    the probes were split with (0 for the shipped packs), not the SAE's training seed. Alpaca
-    (CC BY-NC 4.0) is left out unless `alpaca`: the SAE is meant to be shipped, and its weights
-    would be derived from non-commercial data.
+
+def _extra_rows(root: Path, evaluated: Sequence[Example]) -> tuple[list[Example], dict[str, int]]:
+    """Rows of `EXTRA_SOURCES` whose text does not occur inside any evaluated text (so no test row,
+    nor a template the recipes wrap test requests in, is ever trained on); counts of rows dropped."""
+    from probes.recipes import DAN_TEMPLATES, normalise
+
+    seen = "\n".join(normalise(e.final_content) for e in evaluated)
+    rows, texts, dropped = [], set(), Counter()
+    for folder, name in EXTRA_SOURCES:
+        for line in (root / folder / name).read_text(encoding="utf-8").splitlines():
+            r = json.loads(line)
+            text = normalise(r["text"])
+            if text in texts or not text:
+                continue
+            texts.add(text)
+            if text in seen or r["id"] in DAN_TEMPLATES:
+                dropped[folder] += 1
+                continue
+            # LieDetector pairs a lie and the truth to one prompt: group them so they stay on one side
+            group = f"{folder}:{r.get('prompt') or r.get('behavior') or r['id']}"
+            rows.append(Example(text=r["text"], source=folder, group=group))
+    return rows, dict(sorted(dropped.items()))
+
+
+def recipe_data(datasets=None, seed: int = 0, *, alpaca: bool = False, held_out: float = 0.1) -> SAEData:
+    """The train and val rows of both probe recipes (harmful intent, deception), plus the unlabelled
+    `EXTRA_SOURCES`, read from the datasets folder.
+
+    No text any detector is tested or evaluated on (the recipes' test and eval sets) is trained on,
+    so an SAE-feature detector evaluated on them faces text its dictionary never saw; `seed` is the
+    recipes' split seed, which must be the one the probes were split with (0 for the shipped packs),
+    not the SAE's training seed. Alpaca (CC BY-NC 4.0) is left out unless `alpaca`: the SAE is meant
+    to be shipped, and its weights would be derived from non-commercial data.
     """
     from probes.recipes import datasets_dir, deception_splits, harmful_intent_splits
 
     root = datasets_dir(datasets)
     harm, dec = harmful_intent_splits(root, seed), deception_splits(root, seed)
+    evaluated = [e for s in (harm, dec) for e in s.test + [x for v in s.eval_sets.values() for x in v]]
     rows = [e for e in harm.train + harm.val + dec.train + dec.val if alpaca or e.source != "alpaca"]
-    train, held = split_held_out(rows, held_out, seed)
-    info = {"recipes": ["harmful_intent", "deception"], "sides": "train+val", "datasets": str(root),
-            "alpaca": alpaca, "held_out_fraction": held_out, "seed": seed}
+    extra, dropped = _extra_rows(root, evaluated)
+    train, held = split_held_out(rows + extra, held_out, seed)
+    info = {"recipes": ["harmful_intent", "deception"], "sides": "train+val",
+            "extra_sources": [folder for folder, _ in EXTRA_SOURCES], "extra_rows": len(extra),
+            "extra_dropped_as_evaluated": dropped, "datasets": str(root), "alpaca": alpaca,
+            "held_out_fraction": held_out, "seed": seed}
     return SAEData(train, held, info)
 
 
@@ -178,7 +220,9 @@ def _with_answers(runner: ModelRunner, data: SAEData, spec: SAETrainSpec, progre
     for name, rows, n in (("train", data.train, spec.generate),
                           ("held_out", data.held_out, math.ceil(spec.generate * len(data.held_out)
                                                                 / max(len(data.train), 1)))):
-        prompts = [e for e in rows if e.text is not None]
+        # short requests only: answers are what is wanted, and a long template's prefill costs as much as
+        # a whole answer to a short one
+        prompts = [e for e in rows if e.text is not None and len(e.text) <= spec.max_prompt_chars]
         picked = rng.sample(prompts, min(n, len(prompts)))
         answers = complete(runner, picked, spec, seed=spec.seed + (0 if name == "train" else 10**6),
                            progress=progress, desc=f"answering {name.replace('_', '-')} prompts")
@@ -225,7 +269,7 @@ def token_activations(runner: ModelRunner, items: Sequence[Encoded], point: Hook
 def activation_stream(runner: ModelRunner, items: Sequence[Encoded], point: HookPoint, batch_size: int,
                       seed: int, cache_tokens: int = 0) -> Iterator[torch.Tensor]:
     """Endless epochs over `items` in seeded random order, length-sorted within windows of 8 batches
-    (little padding, and the order still varies). When one epoch's activations fit in `cache_tokens`
+    (little padding, and the order still varies). When one epoch's activations fit in `cache_tokens` (float32)
     they are kept and replayed, in a new order each epoch, instead of running the model again."""
     rng = np.random.default_rng(seed)
     window = 8 * batch_size
@@ -531,7 +575,8 @@ def train_sae(runner: ModelRunner, data: SAEData, spec: SAETrainSpec, *, progres
     dead_tokens = spec.dead_tokens or min(10_000_000, max(spec.batch_size, spec.tokens // 10))
     trainer = TopKTrainer(runner.d_model, spec.d_sae, spec.k, lr=lr, aux_k=spec.aux_k or runner.d_model // 2,
                           aux_coef=spec.aux_coef, dead_tokens=dead_tokens, seed=spec.seed, device=runner.device)
-    stream = activation_stream(runner, train_items, point, spec.capture_batch, spec.seed, spec.cache_tokens)
+    stream = activation_stream(runner, train_items, point, spec.capture_batch, spec.seed,
+                                 int(spec.cache_gib * 2**30) // (4 * runner.d_model))
     batches = shuffled_batches(stream, spec.buffer_tokens, spec.batch_size,
                                torch.Generator().manual_seed(spec.seed))
     curve, fve = [], None

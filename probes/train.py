@@ -14,7 +14,6 @@ the threshold still comes from scores on unseen rows.
 from __future__ import annotations
 
 import datetime as dt
-import itertools
 import subprocess
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -41,7 +40,9 @@ class TrainSpec:
     hook_points: list[str] = field(default_factory=lambda: ["blocks.14.resid_post"])
     # (kind, config) candidates, e.g. [("logistic", {"C": 0.01}), ("lat", {})]
     probes: list[tuple[str, dict]] = field(default_factory=lambda: [("logistic", {})])
-    pools: list[str] = field(default_factory=lambda: ["mean"])  # "mean" or "last" token
+    pools: list[str] = field(default_factory=lambda: ["mean"])  # "mean", "last" (or "max": SAE latents)
+    # An SAE reference (monitor.sae.store.resolve): SAE-feature kinds train on its pooled latents, at its hook point
+    sae: str | None = None
     input_format: str = "chat"
     target_fpr: float = 0.01
     version: str = "1"
@@ -99,29 +100,64 @@ def dev_folds(examples: list[Example], folds: int, seed: int) -> list[tuple[np.n
     return list(split.split(np.zeros(len(y)), y, groups))
 
 
-def _fit(kind: str, config: dict, seed: int, x: np.ndarray, y: np.ndarray):
+def _fit(kind: str, config: dict, seed: int, x: np.ndarray, y: np.ndarray, sae=None):
     cls = probe_kind(kind)
     probe = cls(cls.config_cls(**{"seed": seed, **config}))
     probe.fit(x, y)
+    if sae is not None:
+        probe.sae = sae
     return probe
+
+
+def _candidates(spec: TrainSpec, points: list, sae) -> list[tuple]:
+    """(hook point, kind, config, pool) to cross-validate: SAE-feature kinds with an SAE (and only then),
+    each kind with the pools its head is exact under."""
+    from monitor.sae.store import files_sha256, resolve
+    from probes.kinds.sae_base import SAEKind
+
+    out = []
+    for kind, config in spec.probes:
+        reads_sae = issubclass(probe_kind(kind), SAEKind)
+        if reads_sae and sae is None:
+            raise ValueError(f"probe kind {kind!r} needs an SAE (--sae) whose latents it reads")
+        if sae is not None and not reads_sae:
+            raise ValueError(f"probe kind {kind!r} reads activations, not SAE latents; leave out --sae or pick "
+                             "an SAE kind (sae_probe, sae_latent)")
+        if sae is not None:
+            config = {"sae": spec.sae, "sae_sha256": files_sha256(resolve(spec.sae)), **config}
+        pools = [p for p in spec.pools if p in probe_kind(kind).pools]
+        if not pools:
+            raise ValueError(f"probe kind {kind!r} trains on {' or '.join(probe_kind(kind).pools)} pooling, "
+                             f"not {', '.join(spec.pools)}")
+        out += [(point, kind, config, pool) for point in points for pool in pools]
+    return out
 
 
 def sweep(runner: ModelRunner, data: TrainData, spec: TrainSpec, *, progress: bool = True):
     """Rank every (hook point, kind, pool) by out-of-fold AUROC; refit the best on all of `dev`.
 
+    With `spec.sae`, the candidates read that SAE's latents at its hook point.
     Returns (best row with the refitted `probe` and its per-fold `fold_probes`, `folds`; table).
     """
-    points = [runner.hooks.resolve(p) for p in spec.hook_points]
+    sae = None
+    if spec.sae is not None:
+        from monitor.sae.store import open_sae
+
+        sae = open_sae(spec.sae, expect=runner.fingerprint, d_model=runner.d_model)
+        points = [runner.hooks.resolve(sae.hook_point)]
+    else:
+        points = [runner.hooks.resolve(p) for p in spec.hook_points]
+    candidates = _candidates(spec, points, sae)
     y = _labels(data.dev)
     if len(set(y)) < 2:
         raise ValueError("the training data must contain both labels (0 and 1)")
     folds = dev_folds(data.dev, spec.folds, spec.seed)
     items = encode_all(runner, data.dev, chat=spec.input_format == "chat")
-    acts = runner.capture(items, points, batch_size=spec.batch_size, progress=progress)
+    acts = runner.capture(items, points, batch_size=spec.batch_size, progress=progress,
+                          encode=None if sae is None else sae.to(runner.device).encode)
     table = []
-    candidates = list(itertools.product(points, spec.probes, spec.pools))
-    for point, (kind, config), pool in tqdm(candidates, desc=f"{spec.folds}-fold cross-validation", unit="candidate",
-                                            disable=not progress):
+    for point, kind, config, pool in tqdm(candidates, desc=f"{spec.folds}-fold cross-validation", unit="candidate",
+                                          disable=not progress):
         x = acts[(point, pool)]
         oof = np.zeros(len(y))
         for train, held in folds:
@@ -131,7 +167,7 @@ def sweep(runner: ModelRunner, data: TrainData, spec: TrainSpec, *, progress: bo
     # Highest out-of-fold AUROC; ties go to the shallower hook point (cheaper early stop).
     best = dict(max(table, key=lambda r: (round(r["cv_auroc"], 4), -HookPoint.parse(r["hook_point"]).layer)))
     x = acts[(runner.hooks.resolve(best["hook_point"]), best["pool"])]
-    fit = lambda idx: _fit(best["kind"], best["config"], spec.seed, x[idx], y[idx])  # noqa: E731
+    fit = lambda idx: _fit(best["kind"], best["config"], spec.seed, x[idx], y[idx], sae)  # noqa: E731
     best |= {"probe": fit(np.arange(len(y))), "fold_probes": [fit(train) for train, _ in folds], "folds": folds}
     return best, table
 

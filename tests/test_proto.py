@@ -95,12 +95,15 @@ def test_required_field_names() -> None:
         "coefficient",
         "positions",
         "trigger_detector_id",
+        "sae_id",
     ):
         field(pb.SteeringRequest, name)
+    assert field(pb.SteeringRequest, "latent").type == FD.TYPE_UINT32
     assert set(pb.SteeringKind.keys()) == {
         "STEERING_KIND_UNSPECIFIED",
         "STEERING_KIND_ADD",
         "STEERING_KIND_ABLATE",
+        "STEERING_KIND_CLAMP",
     }
     assert set(pb.SteeringPositions.keys()) == {
         "STEERING_POSITIONS_UNSPECIFIED",

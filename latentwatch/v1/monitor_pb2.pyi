@@ -22,6 +22,7 @@ class SteeringKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     STEERING_KIND_UNSPECIFIED: _ClassVar[SteeringKind]
     STEERING_KIND_ADD: _ClassVar[SteeringKind]
     STEERING_KIND_ABLATE: _ClassVar[SteeringKind]
+    STEERING_KIND_CLAMP: _ClassVar[SteeringKind]
 
 class SteeringPositions(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -63,6 +64,7 @@ ACTION_STEER: Action
 STEERING_KIND_UNSPECIFIED: SteeringKind
 STEERING_KIND_ADD: SteeringKind
 STEERING_KIND_ABLATE: SteeringKind
+STEERING_KIND_CLAMP: SteeringKind
 STEERING_POSITIONS_UNSPECIFIED: SteeringPositions
 STEERING_POSITIONS_PROMPT: SteeringPositions
 STEERING_POSITIONS_GENERATED: SteeringPositions
@@ -133,7 +135,7 @@ class DetectorPolicy(_message.Message):
     def __init__(self, detector_id: _Optional[str] = ..., threshold: _Optional[float] = ..., action: _Optional[_Union[Action, str]] = ...) -> None: ...
 
 class SteeringRequest(_message.Message):
-    __slots__ = ("vector_id", "vector", "hook_point", "kind", "coefficient", "positions", "trigger_detector_id")
+    __slots__ = ("vector_id", "vector", "hook_point", "kind", "coefficient", "positions", "trigger_detector_id", "sae_id", "latent")
     VECTOR_ID_FIELD_NUMBER: _ClassVar[int]
     VECTOR_FIELD_NUMBER: _ClassVar[int]
     HOOK_POINT_FIELD_NUMBER: _ClassVar[int]
@@ -141,6 +143,8 @@ class SteeringRequest(_message.Message):
     COEFFICIENT_FIELD_NUMBER: _ClassVar[int]
     POSITIONS_FIELD_NUMBER: _ClassVar[int]
     TRIGGER_DETECTOR_ID_FIELD_NUMBER: _ClassVar[int]
+    SAE_ID_FIELD_NUMBER: _ClassVar[int]
+    LATENT_FIELD_NUMBER: _ClassVar[int]
     vector_id: str
     vector: _containers.RepeatedScalarFieldContainer[float]
     hook_point: str
@@ -148,7 +152,9 @@ class SteeringRequest(_message.Message):
     coefficient: float
     positions: SteeringPositions
     trigger_detector_id: str
-    def __init__(self, vector_id: _Optional[str] = ..., vector: _Optional[_Iterable[float]] = ..., hook_point: _Optional[str] = ..., kind: _Optional[_Union[SteeringKind, str]] = ..., coefficient: _Optional[float] = ..., positions: _Optional[_Union[SteeringPositions, str]] = ..., trigger_detector_id: _Optional[str] = ...) -> None: ...
+    sae_id: str
+    latent: int
+    def __init__(self, vector_id: _Optional[str] = ..., vector: _Optional[_Iterable[float]] = ..., hook_point: _Optional[str] = ..., kind: _Optional[_Union[SteeringKind, str]] = ..., coefficient: _Optional[float] = ..., positions: _Optional[_Union[SteeringPositions, str]] = ..., trigger_detector_id: _Optional[str] = ..., sae_id: _Optional[str] = ..., latent: _Optional[int] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
     __slots__ = ("messages", "prompt", "max_new_tokens", "sampling", "detectors", "include_token_scores", "steering", "policy_overrides", "metadata")
@@ -192,7 +198,7 @@ class TokenEvent(_message.Message):
     def __init__(self, index: _Optional[int] = ..., token_id: _Optional[int] = ..., text: _Optional[str] = ..., scores: _Optional[_Mapping[str, float]] = ...) -> None: ...
 
 class Alert(_message.Message):
-    __slots__ = ("alert_id", "create_time", "request_id", "request_kind", "detector_id", "detector_version", "score", "threshold", "action", "token_index", "input_index", "metadata", "snapshot_version")
+    __slots__ = ("alert_id", "create_time", "request_id", "request_kind", "detector_id", "detector_version", "score", "threshold", "action", "token_index", "input_index", "metadata", "snapshot_version", "explanation")
     ALERT_ID_FIELD_NUMBER: _ClassVar[int]
     CREATE_TIME_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
@@ -206,6 +212,7 @@ class Alert(_message.Message):
     INPUT_INDEX_FIELD_NUMBER: _ClassVar[int]
     METADATA_FIELD_NUMBER: _ClassVar[int]
     SNAPSHOT_VERSION_FIELD_NUMBER: _ClassVar[int]
+    EXPLANATION_FIELD_NUMBER: _ClassVar[int]
     alert_id: str
     create_time: _timestamp_pb2.Timestamp
     request_id: str
@@ -219,7 +226,36 @@ class Alert(_message.Message):
     input_index: int
     metadata: RequestMetadata
     snapshot_version: str
-    def __init__(self, alert_id: _Optional[str] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., request_id: _Optional[str] = ..., request_kind: _Optional[_Union[RequestKind, str]] = ..., detector_id: _Optional[str] = ..., detector_version: _Optional[str] = ..., score: _Optional[float] = ..., threshold: _Optional[float] = ..., action: _Optional[_Union[Action, str]] = ..., token_index: _Optional[int] = ..., input_index: _Optional[int] = ..., metadata: _Optional[_Union[RequestMetadata, _Mapping]] = ..., snapshot_version: _Optional[str] = ...) -> None: ...
+    explanation: Explanation
+    def __init__(self, alert_id: _Optional[str] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., request_id: _Optional[str] = ..., request_kind: _Optional[_Union[RequestKind, str]] = ..., detector_id: _Optional[str] = ..., detector_version: _Optional[str] = ..., score: _Optional[float] = ..., threshold: _Optional[float] = ..., action: _Optional[_Union[Action, str]] = ..., token_index: _Optional[int] = ..., input_index: _Optional[int] = ..., metadata: _Optional[_Union[RequestMetadata, _Mapping]] = ..., snapshot_version: _Optional[str] = ..., explanation: _Optional[_Union[Explanation, _Mapping]] = ...) -> None: ...
+
+class Explanation(_message.Message):
+    __slots__ = ("tokens", "latents")
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    LATENTS_FIELD_NUMBER: _ClassVar[int]
+    tokens: _containers.RepeatedCompositeFieldContainer[TokenContribution]
+    latents: _containers.RepeatedCompositeFieldContainer[LatentActivation]
+    def __init__(self, tokens: _Optional[_Iterable[_Union[TokenContribution, _Mapping]]] = ..., latents: _Optional[_Iterable[_Union[LatentActivation, _Mapping]]] = ...) -> None: ...
+
+class TokenContribution(_message.Message):
+    __slots__ = ("position", "text", "score")
+    POSITION_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    SCORE_FIELD_NUMBER: _ClassVar[int]
+    position: int
+    text: str
+    score: float
+    def __init__(self, position: _Optional[int] = ..., text: _Optional[str] = ..., score: _Optional[float] = ...) -> None: ...
+
+class LatentActivation(_message.Message):
+    __slots__ = ("sae_id", "latent", "activation")
+    SAE_ID_FIELD_NUMBER: _ClassVar[int]
+    LATENT_FIELD_NUMBER: _ClassVar[int]
+    ACTIVATION_FIELD_NUMBER: _ClassVar[int]
+    sae_id: str
+    latent: int
+    activation: float
+    def __init__(self, sae_id: _Optional[str] = ..., latent: _Optional[int] = ..., activation: _Optional[float] = ...) -> None: ...
 
 class Intervention(_message.Message):
     __slots__ = ("create_time", "request_id", "kind", "detector_id", "token_index", "steering", "metadata", "intervention_id", "override", "snapshot_version")

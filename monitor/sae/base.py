@@ -58,10 +58,12 @@ class SAE(ABC):
     W_dec: torch.Tensor  # [d_sae, d_in]
     b_dec: torch.Tensor  # [d_in]
 
-    def __init__(self, config: SAEConfig, tensors: dict[str, torch.Tensor], *, source: str = "<memory>"):
+    def __init__(self, config: SAEConfig, tensors: dict[str, torch.Tensor], *, source: str = "<memory>",
+                 id: str = ""):
         if not isinstance(config, self.config_cls):
             raise TypeError(f"a {self.kind} SAE needs a {self.config_cls.__name__}, got {type(config).__name__}")
         self.config, self.source = config, source
+        self.id = id  # how requests, packs and records name it (monitor.sae.store); "" until it has one
         shapes = self.shapes()
         missing = [name for name in shapes if name not in tensors]
         if missing:
@@ -121,7 +123,7 @@ class SAE(ABC):
     def to(self, device=None, dtype: torch.dtype | None = None) -> SAE:
         """A copy on `device` in `dtype`; the original is left alone (heads may share it)."""
         moved = {k: t.to(device=device, dtype=dtype) for k, t in self.tensors.items()}
-        return type(self)(self.config, moved, source=self.source)
+        return type(self)(self.config, moved, source=self.source, id=self.id)
 
     def restrict(self, idx) -> SAE:
         """The SAE cut down to latents `idx` (in that order), for kinds whose latents are independent."""
@@ -136,17 +138,26 @@ class SAE(ABC):
                 if axis == "d_sae":
                     t = t.index_select(dim, idx)
             cut[name] = t
-        return type(self)(dataclasses.replace(self.config, d_sae=len(idx)), cut, source=self.source)
+        return type(self)(dataclasses.replace(self.config, d_sae=len(idx)), cut, source=self.source, id=self.id)
+
+    def input_scale(self, x: torch.Tensor) -> torch.Tensor | None:
+        """Per token [..., 1], what run-time normalisation divides x by (None without it): a decoder
+        difference times this is the same difference in x's space (how latent clamping writes)."""
+        norm = self.config.normalize_activations
+        if norm == "constant_norm_rescale":
+            return x.norm(dim=-1, keepdim=True) / self.d_in**0.5
+        if norm == "layer_norm":
+            return x.std(dim=-1, keepdim=True) + LAYER_NORM_EPS
+        return None
 
     def sae_in(self, x: torch.Tensor) -> torch.Tensor:
         """The encoder's input: x in the SAE's dtype, normalised per token, minus b_dec where the format does so."""
         x = x.to(self.W_enc.dtype)
-        norm = self.config.normalize_activations
-        if norm == "constant_norm_rescale":
-            x = x * (self.d_in**0.5 / x.norm(dim=-1, keepdim=True))
-        elif norm == "layer_norm":
+        scale = self.input_scale(x)
+        if self.config.normalize_activations == "layer_norm":
             x = x - x.mean(dim=-1, keepdim=True)
-            x = x / (x.std(dim=-1, keepdim=True) + LAYER_NORM_EPS)
+        if scale is not None:
+            x = x / scale
         return x - self.b_dec if self.config.apply_b_dec_to_input else x
 
     def pre_activations(self, x: torch.Tensor) -> torch.Tensor:

@@ -42,6 +42,16 @@ class LatentHead:
         """Fires (logit > 0) where the latent's activation exceeds `threshold`; `scale` sets how sharply."""
         return cls(sae, [latent], [scale], -scale * threshold)
 
+    @property
+    def d_in(self) -> int:
+        return self.sae.d_in
+
+    def firing_inputs(self, norm: float) -> torch.Tensor:
+        """[k, d_in] activations that make each watched latent fire: b_dec plus its decoder row scaled to
+        `norm`, for the load-time check that the head is not blind (random inputs rarely reach a latent)."""
+        rows = self.sae.W_dec[self.latents].float()
+        return self.sae.b_dec.float() + norm * rows / rows.norm(dim=1, keepdim=True).clamp(min=1e-12)
+
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """Reference scoring, for tests and offline use; the scorer fuses many heads instead."""
         return self.sae.encode_latents(x, self.latents) @ self.weights.to(self.sae.W_enc.dtype) + self.bias

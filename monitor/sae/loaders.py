@@ -415,7 +415,7 @@ def load_sae(path, format: str | None = None, hook_point: str | HookPoint | None
     if not path.exists():
         raise SAEError(f"{path}: no such file or folder")
     folder = path.parent if path.is_file() else path
-    fmt = sae_format(format) if format is not None else _detect(folder)
+    fmt = sae_format(format) if format is not None else detect_format(folder)
     if path.is_file() and path.name not in fmt.files:
         raise SAEError(f"{path}: the {fmt.name} format reads {' and '.join(fmt.files)}; pass their folder")
     missing = [f for f in fmt.files if not (folder / f).is_file()]
@@ -439,7 +439,8 @@ def _refuse_pickles_in(folder: Path) -> None:
         _refuse_pickle(pickles[0])
 
 
-def _detect(folder: Path) -> SAEFormat:
+def detect_format(folder: Path) -> SAEFormat:
+    """The first registered format whose files are all in `folder`; a clear SAEError when none is."""
     for fmt in FORMATS.values():
         if all((folder / f).is_file() for f in fmt.files):
             return fmt

@@ -119,6 +119,8 @@ class Alert(Base):
     input_index: Mapped[int | None] = mapped_column(Integer)  # Score: which input
     conversation_id: Mapped[str | None] = mapped_column(String)
     tags: Mapped[dict[str, str]] = mapped_column(JSONType, server_default="{}")
+    # {"tokens": [...], "latents": [...]} (monitor.storage.records.AlertRecord), or null when it has none
+    explanation: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
 
     __table_args__ = (
         UniqueConstraint("alert_id", name="uq_alerts_alert_id"),
@@ -141,7 +143,7 @@ class Intervention(Base):
     kind: Mapped[str] = mapped_column(String)  # monitor.domain.INTERVENTION_KINDS
     detector_id: Mapped[str | None] = mapped_column(String)
     trigger: Mapped[str] = mapped_column(String)  # detector id or "request"
-    steering_kind: Mapped[str | None] = mapped_column(String)  # kind="steer": "add" | "ablate"
+    steering_kind: Mapped[str | None] = mapped_column(String)  # kind="steer": "add" | "ablate" | "clamp"
     hook_point: Mapped[str | None] = mapped_column(String)
     vector_id: Mapped[str | None] = mapped_column(String)
     coefficient: Mapped[float | None] = mapped_column(Float)

@@ -56,6 +56,7 @@ class AlertRow:
     input_index: int | None
     conversation_id: str | None
     tags: dict[str, str]
+    explanation: dict[str, Any] | None  # as AlertRecord.explanation (texts None under text_policy "never")
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,9 @@ from typing import Any
 
 from monitor.domain import (
     ACTIONS,
+    EXPLAIN_MAX_LATENTS,
+    EXPLAIN_MAX_TEXT,
+    EXPLAIN_MAX_TOKENS,
     INTERVENTION_KINDS,
     REQUEST_KINDS,
     STEERING_KINDS,
@@ -78,6 +81,30 @@ def _check_json(name: str, value: Mapping[str, Any]) -> None:
         raise ValueError(f"{name} must be a JSON object: {exc}") from None
 
 
+_TOKEN_KEYS = {"position", "text", "score"}
+_LATENT_KEYS = {"sae_id", "latent", "activation"}
+
+
+def _check_explanation(value: Mapping[str, Any] | None) -> None:
+    """None, or {"tokens": [{position, text, score}], "latents": [{sae_id, latent, activation}]}
+    within the bounds of monitor.domain (text None where none may be kept)."""
+    if value is None:
+        return
+    _check_json("explanation", value)
+    tokens, latents = value.get("tokens"), value.get("latents")
+    if set(value) != {"tokens", "latents"} or not isinstance(tokens, list) or not isinstance(latents, list):
+        raise ValueError("explanation must be {'tokens': [...], 'latents': [...]}")
+    if len(tokens) > EXPLAIN_MAX_TOKENS or len(latents) > EXPLAIN_MAX_LATENTS:
+        raise ValueError(f"explanation: at most {EXPLAIN_MAX_TOKENS} tokens and {EXPLAIN_MAX_LATENTS} latents, "
+                         f"got {len(tokens)} and {len(latents)}")
+    for t in tokens:
+        if not isinstance(t, Mapping) or set(t) != _TOKEN_KEYS or len(t["text"] or "") > EXPLAIN_MAX_TEXT:
+            raise ValueError(f"explanation tokens are {sorted(_TOKEN_KEYS)} with at most {EXPLAIN_MAX_TEXT} "
+                             f"characters of text, got {t!r:.200}")
+    if not all(isinstance(la, Mapping) and set(la) == _LATENT_KEYS for la in latents):
+        raise ValueError(f"explanation latents are {sorted(_LATENT_KEYS)}")
+
+
 @dataclass(frozen=True)
 class RequestRecord:
     """One generate/score request. Submitting a record whose ``request_id`` is already stored
@@ -114,7 +141,9 @@ class AlertRecord:
     """A detector fired. ``span_start``/``span_end`` are character offsets into the completion.
 
     ``alert_id`` is the public id: the server streams it to the client and GetAlerts returns
-    the same one. ``input_index`` says which input of a Score request fired.
+    the same one. ``input_index`` says which input of a Score request fired. ``explanation``
+    (monitor.explain) lists the tokens that scored highest and the SAE latents active where it
+    fired; its token texts are kept as ``span_text`` is (not under text_policy "never").
     """
 
     request_id: str
@@ -135,6 +164,7 @@ class AlertRecord:
     input_index: int | None = None
     conversation_id: str | None = None
     tags: Mapping[str, str] = field(default_factory=dict)
+    explanation: Mapping[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if not self.alert_id:
@@ -146,13 +176,14 @@ class AlertRecord:
             raise ValueError(f"input_index must be >= 0, got {self.input_index}")
         if not all(isinstance(k, str) and isinstance(v, str) for k, v in self.tags.items()):
             raise ValueError("tags must map strings to strings")
+        _check_explanation(self.explanation)
 
 
 @dataclass(frozen=True)
 class InterventionRecord:
     """One entry of a request's decision trail: a block, a steering switched on, or a
     per-request override of a rule (``details`` holds what was overridden, e.g.
-    ``{"threshold": 0.9, "action": "alert"}``).
+    ``{"threshold": 0.9, "action": "alert"}``; for a latent clamp, ``sae_id`` and ``latent``).
 
     ``detector_id`` is the detector whose decision caused it (None when the client asked);
     ``trigger`` defaults to that id, or ``"request"``. ``intervention_id`` identifies the

@@ -28,7 +28,7 @@ import shutil
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -544,7 +544,16 @@ class StorageWriter:
             "input_index": rec.input_index,
             "conversation_id": rec.conversation_id,
             "tags": dict(rec.tags),
+            "explanation": self._explanation(rec.explanation),
         }
+
+    def _explanation(self, explanation: Mapping[str, Any] | None) -> dict[str, Any] | None:
+        """Token texts are prompt or completion text: under "never" only positions and scores stay."""
+        if explanation is None:
+            return None
+        if self.text_policy == "never":
+            return {**explanation, "tokens": [{**t, "text": None} for t in explanation["tokens"]]}
+        return dict(explanation)
 
     @staticmethod
     def _call(fn: Callable[..., None] | None, *args: Any) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
@@ -34,6 +35,10 @@ class ScoringHead:
         return self.w1.shape[1]
 
     @property
+    def d_in(self) -> int:
+        return self.w1.shape[0]
+
+    @property
     def scorer_kind(self) -> str:
         """The `monitor.scorers` kind that fuses this head on the device."""
         return "affine" if self.w2 is None else "mlp"
@@ -59,9 +64,18 @@ class Probe(ABC):
 
     kind: ClassVar[str]
     config_cls: ClassVar[type[ProbeConfig]]
+    # Token poolings the kind trains on. For an affine head, a mean-pooled activation scores what the
+    # bank's mean aggregation of its per-token logits gives, and "last" what "last" gives.
+    pools: ClassVar[tuple[str, ...]] = ("mean", "last")
 
     def __init__(self, config: Any):
         self.config = config
+
+    def attach(self, folder: Path | None, expect: Any = None, d_model: int | None = None) -> None:
+        """Load what the probe reads besides its tensors, named in its config relative to its pack
+        `folder` (an SAE kind's SAE); checked against the model fingerprint `expect`. Most kinds read
+        the activations alone."""
+        return None
 
     @abstractmethod
     def fit(self, x: np.ndarray, y: np.ndarray) -> None:

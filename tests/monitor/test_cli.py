@@ -82,6 +82,22 @@ def test_alerts_prints_a_table_by_default(tmp_path):
     assert "c1" in result.stdout
 
 
+def test_alerts_show_what_explains_each_alert(tmp_path):
+    from monitor.storage import AlertRecord, StorageWriter, open_database
+
+    why = {"tokens": [{"position": 12, "text": " bomb", "score": 0.97}, {"position": 3, "text": "pipe", "score": 0.9}],
+           "latents": [{"sae_id": "sae-18", "latent": 1234, "activation": 5.5}]}
+    url = f"sqlite:///{tmp_path}/lw.db"
+    writer = StorageWriter(open_database(url)).start()
+    writer.submit(AlertRecord("req-1", "toy", "1", 0.93, 0.5, explanation=why))
+    assert writer.close(timeout=30) and writer.write_failures == 0
+    table = run("alerts", "--db", url)
+    assert table.exit_code == 0, table.output
+    assert "' bomb'@12 'pipe'@3" in table.stdout and "sae-18:1234" in table.stdout
+    listed = run("alerts", "--db", url, "--format", "json")
+    assert json.loads(listed.stdout)[0]["explanation"] == why
+
+
 def test_alerts_refuses_a_database_that_does_not_exist(tmp_path):
     missing = tmp_path / "does" / "not" / "exist.db"
     assert "no database at" in error_line(run("alerts", "--db", f"sqlite:///{missing}"))
@@ -161,7 +177,7 @@ def test_detectors_prints_a_table_by_default(no_model):
 @pytest.mark.parametrize("args, message", [
     (["--kind", "forest"], "unknown --kind 'forest'"),
     (["--hook-point", "layer.3"], "--hook-point: unknown hook point 'layer.3'"),
-    (["--pool", "max"], "unknown --pool 'max'"),
+    (["--pool", "median"], "unknown --pool 'median'"),
 ])
 def test_train_checks_options_before_loading_the_model(no_model, labelled, tmp_path, args, message):
     assert message in error_line(run("train", "--data", labelled, "--out", tmp_path / "p", *args))
@@ -276,6 +292,7 @@ def test_serve_checks_everything_before_loading_the_model_in_order(no_model, tin
     ([], {"LATENTWATCH_SCORE__MAX_BATCH": "0"}, "score.max_batch: Input should be greater than or equal to 1"),
     (["--add-pack", "does/not/exist"], {}, "probe pack does/not/exist: no manifest.json found"),
     (["--text-policy", "sometimes"], {}, "text_policy: Input should be 'always', 'alerts_only' or 'never'"),
+    (["--sae", "no-such-sae"], {}, "saes: no-such-sae: no such file or folder, and no shipped SAE has that id"),
 ])
 def test_serve_settings_and_pack_errors_are_one_line(no_model, args, env, message):
     assert message in error_line(run("serve", "--port", 0, "--metrics-port", 0, *args, env=env))

@@ -9,6 +9,7 @@ from monitor.domain import HookPoint
 from monitor.runner import ModelRunner
 from monitor.steering import Steering, SteeringPlan
 from probes.kinds.base import ScoringHead
+from tests.monitor.sae import random_sae
 from tests.tiny import tiny_model, tiny_tokenizer
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
@@ -61,3 +62,28 @@ def test_bank_and_steering_never_sync_with_the_host():
             state.update(mask)
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+def test_latent_readout_never_syncs_with_the_host():
+    """Explanations read SAE latents on the device too: in the hook (Generate), after the pass (Score)."""
+    _, gpu = runners()
+    point = HookPoint.parse("blocks.1.resid_post")
+    sae = random_sae("topk", d_in=gpu.d_model, k=4, point=str(point)).to("cuda")
+    bank = DetectorBank(bank_for(gpu).detectors, device=gpu.device, saes={"s": sae}, explain_latents=8)
+    state = bank.state(3)
+    h = torch.randn(3, 7, gpu.d_model, device="cuda")
+    probs = torch.rand(3, 7, bank.size, device="cuda")
+    mask = torch.ones(3, 7, dtype=torch.bool, device="cuda")
+    mask[0, :3] = False
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for hold in (False, True, False):
+            state.begin_step(3, 7, hold=hold)
+            state.record(point, h)
+            if hold:
+                state.read_latents(probs, mask)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    expected = sae.encode(h[1, -1]).topk(8)
+    torch.testing.assert_close(state.latents[1, 0, :, 1], expected.values)

@@ -11,6 +11,7 @@ from sklearn.metrics import roc_auc_score
 from probes.kinds import PROBE_KINDS, Probe, probe_kind, register
 from probes.kinds.logistic import LogisticProbe
 from probes.kinds.mlp import MlpConfig, MlpProbe
+from probes.kinds.sae_base import SAEKind
 
 FAST = {"mlp": {"hidden": 16, "epochs": 40}}
 
@@ -48,11 +49,13 @@ def unfolded_logits(kind: str, t: dict[str, np.ndarray], x: np.ndarray) -> np.nd
     return np.maximum(xs @ t["w1"] + t["b1"], 0) @ t["w2"] + t["b2"][0]
 
 
-KINDS = sorted(PROBE_KINDS)
+# kinds that read activations; the SAE-feature kinds read latents (tests/probes/test_sae_kinds.py)
+KINDS = sorted(k for k, cls in PROBE_KINDS.items() if not issubclass(cls, SAEKind))
 
 
 def test_registry_has_all_kinds():
     assert KINDS == ["diff_means", "lat", "logistic", "mlp"]
+    assert sorted(PROBE_KINDS) == [*KINDS, "sae_latent", "sae_probe"]
 
 
 def test_unknown_kind_lists_known_kinds():

@@ -67,13 +67,17 @@ def test_every_record_kind_comes_back_unchanged():
                                hook_point="blocks.1.resid_post", vector_id="v", coefficient=-4.5,
                                details={"positions": "generated", "n": [1, 2]}, snapshot_version="s",
                                client_id="c", token_end=9, created_at=T0)
+    why = {"tokens": [{"position": 7, "text": " b\u00e9", "score": 0.96875},
+                      {"position": 2, "text": None, "score": 0.5}],
+           "latents": [{"sae_id": "sae-15", "latent": 4095, "activation": 2.25}]}
     records = [
         RequestRecord("r1", "generate", "m", created_at=T0, finished_at=T0 + timedelta(seconds=2), client_id="c",
                       conversation_id="conv", tags={"env": "test", "n": 3}, finish_reason="stop", prompt_tokens=3,
                       completion_tokens=4, prompt_text="p\nq \u00e9\U0001f600", completion_text="c", alerted=True,
                       snapshot_version="s"),
         RequestRecord("r2", "score", "m", created_at=T0),
-        _alert("r1", 3, input_index=2, conversation_id="conv", tags={"team": "red"}, snapshot_version="s"),
+        _alert("r1", 3, input_index=2, conversation_id="conv", tags={"team": "red"}, snapshot_version="s",
+               explanation=why),
         steer,
         InterventionRecord("r1", "override", 0, details={"threshold": 0.9}, created_at=T0),
         DetectorRecord("deception", "1.0", "linear", "blocks.1.resid_post", 0.8, calibration={"a": 1.5},

@@ -241,6 +241,29 @@ def test_downgrade_to_0001_and_back(db_url):
         engine.dispose()
 
 
+def test_upgrade_from_0002_keeps_alerts_and_stores_explanations(db_url):
+    _migrate(db_url, "0002_decision_trail")
+    bare = create_storage_engine(db_url)
+    with bare.begin() as conn:
+        conn.execute(text("INSERT INTO alerts (alert_id, request_id, created_at, detector_id, detector_version,"
+                          " score, threshold, action) VALUES ('a1', 'r1', '2025-01-01 00:00:01', 'd', '1', 0.9, 0.5,"
+                          " 'alert')"))
+    bare.dispose()
+
+    engine = open_database(db_url)  # migrates to head
+    try:
+        assert _current(engine) == _head()
+        why = {"tokens": [{"position": 4, "text": " lock", "score": 0.96875}],
+               "latents": [{"sae_id": "sae-1", "latent": 12, "activation": 3.5}]}
+        w = StorageWriter(engine).start()
+        w.submit(AlertRecord("r1", "d", "1", 0.95, 0.5, explanation=why))
+        assert w.close(timeout=30) and w.write_failures == 0
+        alerts, _ = get_alerts(engine)
+        assert [(a.alert_id, a.explanation) for a in alerts] == [("a1", None), (alerts[1].alert_id, why)]
+    finally:
+        engine.dispose()
+
+
 def test_storage_error_is_a_value_error():
     assert issubclass(StorageError, ValueError)
 

@@ -49,6 +49,10 @@ def _request(rid: str, *, alerted: bool = False, **kw) -> RequestRecord:
     return RequestRecord(**fields)
 
 
+WHY = {"tokens": [{"position": 5, "text": " flour", "score": 0.875}, {"position": 9, "text": "yeast", "score": 0.5}],
+       "latents": [{"sae_id": "sae-1", "latent": 3, "activation": 1.5}]}
+
+
 def _alert(rid: str, i: int = 0, **kw) -> AlertRecord:
     fields = {
         "request_id": rid,
@@ -279,7 +283,7 @@ def test_text_policy(db_url, policy, alerted, keeps_text):
         rec = _request("r1", alerted=alerted)
         w.submit(rec)
         if alerted:
-            w.submit(_alert("r1"))
+            w.submit(_alert("r1", explanation=WHY))
         assert w.flush(timeout=30)
         row = get_request(w.engine, "r1")
     finally:
@@ -295,6 +299,9 @@ def test_text_policy(db_url, policy, alerted, keeps_text):
         (alert,) = row.alerts
         assert alert.span_text == (None if policy == "never" else "flour")
         assert (alert.span_start, alert.span_end) == (5, 10)
+        # and its explanation's token texts (prompt or completion text): positions and scores stay
+        texts = [None, None] if policy == "never" else [" flour", "yeast"]
+        assert alert.explanation == {**WHY, "tokens": [{**t, "text": x} for t, x in zip(WHY["tokens"], texts)]}
 
 
 def test_clean_close_loses_nothing(db_url):
