@@ -23,22 +23,13 @@ from probes.sae_train import SAETrainSpec, save_sae_pack, train_sae
 from probes.train import TrainData, TrainSpec, bank_scores, train_pack
 from tests.monitor.server_fixtures import RunningServer
 from tests.probes.test_sae_train import SPEC, TEXTS, tiny_data
-from tests.tiny import tiny_runner
 
 LABELLED = [Example(text=t, label=int(i >= 20), group=f"row:{i}") for i, t in enumerate(TEXTS)]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
-def runner():
-    return tiny_runner("llama")
+def runner(tiny_llama):
+    return tiny_llama
 
 
 @pytest.fixture(scope="module")

@@ -57,18 +57,9 @@ SPEC = dict(hook_point="blocks.1.resid_post", d_sae=64, k=4, tokens=12_288, batc
             generate=4, max_new_tokens=8, capture_batch=16, dtype="float32")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matmuls on two shared cores run far faster on one thread than on two that wait for each other."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
-def runner():
-    return tiny_runner("llama")
+def runner(tiny_llama):
+    return tiny_llama
 
 
 def tiny_data() -> SAEData:
