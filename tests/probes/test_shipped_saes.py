@@ -66,7 +66,7 @@ def test_shipped_feature_detectors_are_the_recipes(pack_id, smollm2):
     assert m.kind_config["sae"] == SAE_ID and m.kind_config["sae_sha256"] == files_sha256(shipped_saes_dir() / SAE_ID)
     splits = RECIPES[prov["recipe"]](datasets_dir(None), seed=prov["seed"])
     assert prov["data_sha256"] == data_sha256(splits.train + splits.val)
-    assert m.metrics["test"]["auroc"] > 0.9 and "recall_at_1pct_fpr" in m.metrics["test"]
+    assert m.metrics["test"]["auroc"] > 0.85 and "recall_at_1pct_fpr" in m.metrics["test"]
 
 
 def manifest_hook_point() -> str:
