@@ -9,6 +9,7 @@ is what an AlertRecord stores as its `explanation`, within the bounds of `monito
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -17,9 +18,22 @@ import numpy as np
 from monitor.bank import DetectorBank
 from monitor.domain import EXPLAIN_MAX_LATENTS, EXPLAIN_MAX_TEXT
 
+log = logging.getLogger(__name__)
+
 
 def explanation(bank: DetectorBank, slot: int, scores: np.ndarray | None, first: int, text: Callable[[int], str],
                 latents: np.ndarray | None) -> dict[str, Any] | None:
+    """`_explanation`, or None if building it fails: an explanation is an extra on the alert it
+    explains, and must never cost the alert its record."""
+    try:
+        return _explanation(bank, slot, scores, first, text, latents)
+    except Exception:
+        log.exception("alert explanation for detector slot %d failed; the alert is recorded without one", slot)
+        return None
+
+
+def _explanation(bank: DetectorBank, slot: int, scores: np.ndarray | None, first: int, text: Callable[[int], str],
+                 latents: np.ndarray | None) -> dict[str, Any] | None:
     """Detector `slot`'s explanation, or None when there is nothing to say.
 
     `scores` [tokens, detectors] are the probabilities of the tokens scored so far, token j at

@@ -278,3 +278,15 @@ def test_a_feature_detectors_alert_carries_latents_and_tokens_in_get_alerts(tmp_
     assert score_alert.explanation.tokens[0].position == score_alert.token_index
     h = activations(ref, enc.ids)[enc.score_from + score_alert.token_index]
     assert_latents(score_alert.explanation.latents, "feat-sae", top_latents(sae, h, 4))
+
+
+def test_a_failing_explanation_never_costs_the_alert_its_record(monkeypatch, caplog):
+    """The alert is recorded without an explanation; the failure is logged."""
+    from monitor import explain
+
+    def broken(*args):
+        raise IndexError("token position past the end")
+
+    monkeypatch.setattr(explain, "_explanation", broken)
+    assert explain.explanation(None, 3, None, 0, str, None) is None
+    assert "recorded without one" in caplog.text
