@@ -47,7 +47,8 @@ def _denied(field: str, client_id: str, need: str, why: str) -> RequestError:
 
 
 def apply_overrides(snapshot: Snapshot, client_id: str, overrides: list[Override]) -> list[Rule]:
-    """The snapshot's rules with the request's overrides applied, after checking it may."""
+    """The snapshot's rules with the request's overrides applied, after checking it may. An
+    override of a detector changes every acting rule on it (a band keeps its bounds)."""
     rules = list(snapshot.rules)
     if not overrides:
         return rules
@@ -55,29 +56,34 @@ def apply_overrides(snapshot: Snapshot, client_id: str, overrides: list[Override
     perms = snapshot.permissions_for(client_id)
     if not perms.policy_overrides:
         raise _denied("policy_overrides", client_id, "policy_overrides", "overrides are not allowed")
-    index = {r.id: i for i, r in enumerate(rules)}
     for i, o in enumerate(overrides):
         where = f"policy_overrides[{i}]"
-        if o.detector_id not in index:
+        if o.detector_id not in snapshot.by_id:
             raise RequestError("NOT_FOUND", f"{where}.detector_id: unknown detector id {clip(o.detector_id)}")
-        rule = base = rules[index[o.detector_id]]
-        if o.threshold is not None:
-            if not 0 < o.threshold <= 1:
-                raise RequestError("INVALID_ARGUMENT", f"{where}.threshold: must be in (0, 1], got {o.threshold}")
-            if o.threshold > base.threshold and not perms.weaken_monitoring:
-                raise _denied(f"{where}.threshold", client_id, "weaken_monitoring",
-                              f"{o.threshold} is above the server's threshold {base.threshold:.4g}")
-            rule = replace(rule, threshold=float(o.threshold))
-        if o.action is not None and o.action != base.action:
-            if ACTIONS[o.action].strength < base.act.strength and not perms.weaken_monitoring:
-                raise _denied(f"{where}.action", client_id, "weaken_monitoring",
-                              f"{o.action!r} is milder than the server's {base.action!r}")
-            try:
-                rule = with_action(snapshot.bank, rule, o.action)
-            except ValueError as e:
-                raise RequestError("INVALID_ARGUMENT", f"{where}.action: {e}") from None
-        rules[index[o.detector_id]] = rule
+        if o.threshold is not None and not 0 < o.threshold <= 1:
+            raise RequestError("INVALID_ARGUMENT", f"{where}.threshold: must be in (0, 1], got {o.threshold}")
+        for j, base in enumerate(rules):
+            if base.detector == o.detector_id and base.act.acts:
+                rules[j] = _override(snapshot, client_id, perms, where, base, o)
     return rules
+
+
+def _override(snapshot: Snapshot, client_id: str, perms, where: str, base: Rule, o: Override) -> Rule:
+    rule = base
+    if o.threshold is not None and base.high is None:
+        if o.threshold > base.threshold and not perms.weaken_monitoring:
+            raise _denied(f"{where}.threshold", client_id, "weaken_monitoring",
+                          f"{o.threshold} is above the server's threshold {base.threshold:.4g}")
+        rule = replace(rule, threshold=float(o.threshold))
+    if o.action is not None and o.action != base.action:
+        if ACTIONS[o.action].strength < base.act.strength and not perms.weaken_monitoring:
+            raise _denied(f"{where}.action", client_id, "weaken_monitoring",
+                          f"{o.action!r} is milder than the server's {base.action!r}")
+        try:
+            rule = with_action(snapshot.bank, rule, o.action)
+        except ValueError as e:
+            raise RequestError("INVALID_ARGUMENT", f"{where}.action: {e}") from None
+    return rule
 
 
 def check_steering(snapshot: Snapshot, client_id: str, steering: list[ClientSteering]) -> None:
@@ -94,7 +100,7 @@ def check_steering(snapshot: Snapshot, client_id: str, steering: list[ClientStee
     for i, item in enumerate(steering):
         s = item.steering
         u, field = s.unit, "latent" if s.kind == "clamp" else "vector"
-        for rule in snapshot.rules:
+        for rule in snapshot.views:
             det = snapshot.bank.detectors[rule.slot]
             if s.hook_point > det.hook_point:
                 continue  # steering after a detector's hook point cannot change what it reads
@@ -102,5 +108,5 @@ def check_steering(snapshot: Snapshot, client_id: str, steering: list[ClientStee
             cos = float((u.to(dirs.device) @ torch.nn.functional.normalize(dirs, dim=0)).abs().max())
             if cos >= limit:
                 raise _denied(f"steering[{i}].{field}", client_id, "steer_detector_directions",
-                              f"|cosine| {cos:.2f} with detector {rule.id!r}'s direction at {det.hook_point} "
+                              f"|cosine| {cos:.2f} with detector {rule.detector!r}'s direction at {det.hook_point} "
                               f"reaches the limit {limit:g} (steering_max_detector_cosine)")

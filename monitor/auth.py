@@ -36,6 +36,7 @@ RPCS: dict[str, tuple[str, str | None]] = {
     "generate": ("Generate", "generate"),
     "score": ("Score", "generate"),
     "get_alerts": ("GetAlerts", "audit"),
+    "get_interventions": ("GetInterventions", "audit"),
     "reload_detectors": ("ReloadDetectors", "admin"),
     "list_detectors": ("ListDetectors", None),
     "get_server_info": ("GetServerInfo", None),
@@ -142,8 +143,8 @@ def require(role: str, what: str) -> None:
 
 
 def alerts_client(client_id: str) -> str:
-    """The client id a GetAlerts query is limited to: the caller's own unless it has `audit:*`
-    (or authentication is off); asking for another client's alerts is PERMISSION_DENIED."""
+    """The client id a GetAlerts or GetInterventions query is limited to: the caller's own unless it
+    has `audit:*` (or authentication is off); asking for another client's records is PERMISSION_DENIED."""
     who = identity()
     if who is None or who.has("audit:*"):
         return client_id

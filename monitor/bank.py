@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import torch
@@ -38,6 +38,9 @@ class Detector:
     threshold: float = 0.5
     input_format: str = "chat"  # how plain text is encoded for this probe: as a user turn, or raw
     manifest: object | None = field(default=None, repr=False)
+    # "completion": aggregates generated tokens only (a policy rule's `where: completion` reads a
+    # copy of its detector under this scope); prompt tokens never enter its statistics.
+    scope: Literal["all", "completion"] = "all"
 
     def __post_init__(self):
         if self.aggregation not in AGGREGATIONS:
@@ -164,6 +167,9 @@ class DetectorBank:
             windows, device=self.device
         )
         self.thresholds = torch.tensor([d.threshold for d in detectors], device=self.device)
+        # [probes] True where prompt tokens are left out; None when every probe reads the prompt
+        completion = [d.scope == "completion" for d in detectors]
+        self.completion_only = torch.tensor(completion, device=self.device) if any(completion) else None
         self.size = p
         self.explain_tokens = explain_tokens
         self.readout: LatentReadout | None = None
@@ -198,7 +204,8 @@ class BankState:
     def __init__(self, bank: DetectorBank, rows: int):
         self.bank = bank
         dev, p = bank.device, bank.size
-        self.count = torch.zeros(rows, 1, device=dev)
+        # scored tokens so far: one count per row, or per row and probe when some skip the prompt
+        self.count = torch.zeros(rows, 1 if bank.completion_only is None else p, device=dev)
         self.sum = torch.zeros(rows, p, device=dev)
         self.max = torch.full((rows, p), -torch.inf, device=dev)
         self.last = torch.zeros(rows, p, device=dev)
@@ -242,27 +249,31 @@ class BankState:
             readout.read(point, h.gather(1, cols[..., None].expand(-1, -1, h.shape[-1])), self.latents)
         self.held = {}
 
-    def update(self, mask: torch.Tensor) -> torch.Tensor:
-        """Fold the step's logits into the aggregates; `mask` [rows, seq] marks scored tokens.
+    def update(self, mask: torch.Tensor, *, prompt: bool = False) -> torch.Tensor:
+        """Fold the step's logits into the aggregates; `mask` [rows, seq] marks scored tokens, and
+        `prompt` says they are prompt tokens (completion-scoped probes then skip them).
 
         Only the statistics some loaded detector aggregates with are kept up to date: this runs
         once per generated token, so a bank of mean-aggregated probes pays for a sum and a count.
         Returns the aggregate logits [rows, probes] after this step.
         """
-        x, m, kinds = self.step_logits, mask.bool(), self.bank.kinds
-        mf = m[..., None]
-        n = m.sum(1, keepdim=True).float()  # [rows, 1]
+        x, kinds = self.step_logits, self.bank.kinds
+        mf = mask.bool()[..., None]  # [rows, seq, 1], or [rows, seq, probes] with per-probe scopes
+        if prompt and self.bank.completion_only is not None:
+            mf = mf & ~self.bank.completion_only
+        n = mf.sum(1).float()  # [rows, 1 or probes]
         self.count += n
         if "mean" in kinds:
             self.sum += torch.where(mf, x, 0.0).sum(1)
         if "max" in kinds:
             self.max = torch.maximum(self.max, torch.where(mf, x, -torch.inf).amax(1))
         if "last" in kinds:
-            last_idx = torch.where(m, torch.arange(m.shape[1], device=m.device), -1).amax(1).clamp(min=0)
-            self.last = torch.where(n > 0, x[torch.arange(x.shape[0], device=x.device), last_idx], self.last)
+            pos = torch.arange(x.shape[1], device=x.device)[None, :, None]
+            last_idx = torch.where(mf, pos, -1).amax(1).clamp(min=0).expand(-1, x.shape[2])  # [rows, probes]
+            self.last = torch.where(n > 0, x.gather(1, last_idx[:, None, :]).squeeze(1), self.last)
         if "ema" in kinds or "rolling_max" in kinds:
             # rank of each scored token counted from the end of the step (0 = most recent)
-            after = (m.flip(1).cumsum(1).flip(1) - m.long())[..., None].float()  # [rows, seq, 1]
+            after = (mf.flip(1).cumsum(1).flip(1) - mf.long()).float()  # [rows, seq, 1 or probes]
         if "ema" in kinds:
             keep = 1.0 - self.bank.alpha  # [probes]
             weight = self.bank.alpha * keep.pow(after)  # [rows, seq, probes]
@@ -273,12 +284,12 @@ class BankState:
             k = torch.arange(w, device=x.device)
             # Scatter each scored token to its recency slot; everything else lands in a spare slot
             # w that is dropped (no boolean indexing: that would sync with the host on CUDA).
-            slot = torch.where(m & (after[..., 0] < w), after[..., 0].long(), w)
+            slot = torch.where(mf & (after < w), after.long(), w).expand_as(x)
             new = torch.full((x.shape[0], w + 1, x.shape[2]), -torch.inf, device=x.device)
-            new = new.scatter(1, slot[..., None].expand_as(x), x)[:, :w]
-            shift = (k[None, :] - n).long()  # [rows, w]: where old entry k now comes from
-            old = self.recent.gather(1, shift.clamp(min=0)[..., None].expand_as(self.recent))
-            self.recent = torch.where((shift >= 0)[..., None], old, new)
+            new = new.scatter(1, slot, x)[:, :w]
+            shift = (k[None, :, None] - n[:, None, :]).long()  # [rows, w, 1 or probes]: where old entry k comes from
+            old = self.recent.gather(1, shift.clamp(min=0).expand_as(self.recent))
+            self.recent = torch.where(shift >= 0, old, new)
         return self.aggregate()
 
     def aggregate(self) -> torch.Tensor:

@@ -13,8 +13,10 @@ from rich.table import Table
 
 from monitor.cli_common import DeviceOpt, ModelOpt, console, encode_rows, fail, load_runner, locate, out, read_examples
 from monitor.cli_features import register as register_feature_commands
+from monitor.cli_policy import register as register_policy_commands
 from monitor.cli_sae import register as register_sae_commands
 from monitor.cli_serve import register as register_service_commands
+from monitor.cli_steer import register as register_steer_commands
 from monitor.cli_token import register as register_token_commands
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="White-box safety monitor for language models.")
@@ -238,6 +240,16 @@ def eval_(
     compare: Annotated[list[str] | None, typer.Option("--compare", help="with --report: a pack folder or shipped "
                                                       "detector id shown beside each pack (e.g. an SAE-feature "
                                                       "detector), scored on the same sets")] = None,
+    causal: Annotated[bool, typer.Option("--causal", help="steer along the --detector's direction and measure "
+                                         "refusals on held-out harmful and harmless prompts, and its own score "
+                                         "(with --report: causal.html)")] = False,
+    coefficients: Annotated[str | None, typer.Option(help="with --causal: comma-separated multiples of the mean "
+                                                     "residual norm at the hook point, 0 included "
+                                                     "(default: -0.2,-0.1,0,0.1,0.2)")] = None,
+    prompts: Annotated[int | None, typer.Option("--prompts", help="with --causal: prompts per set, a seeded sample "
+                                                "(default: 16)")] = None,
+    max_new_tokens: Annotated[int | None, typer.Option(help="with --causal: greedy tokens per completion "
+                                                       "(default: 48)")] = None,
     seed: int = 0,
     batch_size: int = 16,
     model: ModelOpt = None,
@@ -247,6 +259,11 @@ def eval_(
     from probes.recipes import Splits
     from probes.train import evaluate_sets
 
+    if causal:
+        return causal_eval(pack, detector, data, recipe, datasets, as_json, report, compare, coefficients, prompts,
+                           max_new_tokens, seed, batch_size, model, device)
+    if coefficients is not None or prompts is not None or max_new_tokens is not None:
+        fail("--coefficients, --prompts and --max-new-tokens set up the causal check: add --causal")
     if not data and not recipe:
         fail("give --data FILE (labelled JSONL) or --recipe NAME")
     sets = {p.stem: read_examples(p, labelled=True) for p in data or []}
@@ -287,6 +304,89 @@ def eval_(
     for pid, metrics in results.items():
         out.print(f"[bold]{pid}[/]")
         print_metrics(metrics)
+
+
+def causal_eval(pack, detector, data, recipe, datasets, as_json, report, compare, coefficients, prompts,
+                max_new_tokens, seed, batch_size, model, device) -> None:
+    """`eval --causal`: one linear detector, steered along (probes.causal)."""
+    from monitor.bank import Detector, DetectorBank
+    from probes.causal import (
+        CAUSAL_RECIPES,
+        DEFAULT_COEFFICIENTS,
+        NotLinear,
+        labelled_prompts,
+        parse_coefficients,
+        probe_direction,
+        recipe_prompts,
+        run_causal,
+        write_causal_report,
+    )
+
+    if compare:
+        fail("--compare: the causal check steers one detector; leave --compare out")
+    if not detector and not pack:
+        fail("--causal steers along one detector's direction: name it with --detector ID (or --pack FOLDER)")
+    if data and recipe:
+        fail("--causal takes its prompts from --data FILE or from --recipe NAME, not both")
+    try:
+        coeffs = parse_coefficients(coefficients) if coefficients is not None else DEFAULT_COEFFICIENTS
+    except ValueError as e:
+        fail(f"--coefficients: {e}")
+    for name, value in (("--prompts", prompts), ("--max-new-tokens", max_new_tokens)):
+        if value is not None and value < 1:
+            fail(f"{name} must be at least 1, got {value}")
+    folders = pack_folders(pack, detector)
+    packs = load_pack_folders(folders, detectors=detector)  # before the model loads
+    if len(packs) != 1:
+        fail(f"--causal steers one detector at a time; these packs hold {', '.join(p.manifest.id for p in packs)}: "
+             "pick one with --detector ID")
+    m = packs[0].manifest
+    try:
+        probe_direction(DetectorBank([Detector.from_pack(packs[0])]))
+    except NotLinear as e:
+        fail(f"--detector {m.id}: {e}" if detector else f"--pack {folders[0]}: {e}")
+    if data:
+        sets = labelled_prompts([e for p in data for e in read_examples(p, labelled=True)])
+        for name, rows in sets.items():
+            if not rows:
+                fail(f"--data: no {name} prompts (label {int(name == 'harmful')}) to steer on")
+    else:
+        recipe = recipe or m.provenance.get("recipe")
+        if recipe not in CAUSAL_RECIPES:
+            why = f"--recipe {recipe} has no harmful and harmless prompts" if recipe else f"pack {m.id} names no recipe"
+            fail(f"{why}: give --recipe {' or '.join(CAUSAL_RECIPES)} or --data FILE (label 1 harmful, 0 harmless)")
+        # the pack's own split seed, so its held-out rows stay held out
+        sets = recipe_prompts(load_recipe(recipe, datasets, m.provenance.get("seed", seed)))
+    runner = load_runner(model, device)
+    [p] = load_pack_folders(folders, runner, detector)
+    for name, rows in sets.items():
+        encode_rows(runner, rows, chat=True, source=name)
+    try:
+        result = run_causal(runner, p, sets, coefficients=coeffs, prompts_per_set=prompts or 16,
+                            max_new_tokens=max_new_tokens or 48, batch_size=batch_size, seed=seed, progress=True)
+        index = write_causal_report(report, result) if report else None
+    except (ValueError, OSError) as e:
+        fail(str(e))
+    if index:
+        console.print(f"[green]report[/] {index}")
+    if as_json:
+        print(json.dumps(result.to_dict(), indent=2))
+        return
+    print_causal(result)
+
+
+def print_causal(result) -> None:
+    table = Table("set", "coefficient", "added length", "n", "refusal (phrases)", "refusal (judge)",
+                  "judge P(refused)", "methods agree", "probe score", "probe score while steered")
+    for x in result.points:
+        table.add_row(x.set, f"{x.coefficient:+g}", f"{x.absolute:.4g}", str(x.n), f"{x.refusal_phrases:.3f}",
+                      f"{x.refusal_judge:.3f}", f"{x.judge_p_refused:.3f}", f"{x.agreement:.3f}",
+                      f"{x.probe_score:.3f}", f"{x.probe_score_steered:.3f}")
+    par = result.params
+    out.print(f"[bold]{par['detector']}[/] steered at {par['hook_point']}; coefficient x mean residual norm "
+              f"{result.scale:.4g}; {par['max_new_tokens']} greedy tokens; probe score: prompt + completion "
+              "re-read unsteered")
+    out.print(table)
 
 
 # ------------------------------------------------------------------------------------ score
@@ -365,3 +465,5 @@ register_service_commands(app)
 register_token_commands(app)
 register_feature_commands(app)
 register_sae_commands(app)
+register_steer_commands(app)
+register_policy_commands(app)

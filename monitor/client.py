@@ -8,11 +8,12 @@ Results are plain dataclasses so callers never handle protobuf messages:
         for ev in c.generate([{"role": "user", "content": "hi"}], max_new_tokens=16):
             ...
 
-Enums cross as the domain names of `monitor.domain` (actions "alert"/"steer"/"block",
-intervention kinds "block"/"steer"/"override", steering kinds "add"/"ablate"/"clamp", positions
-"prompt"/"generated"/"all", request kinds "generate"/"score", finish reasons "stop"/"length"/
-"blocked"), through the tables of `monitor.enums`, the same ones the server uses. A number a
-response carries that the client does not know reads "unknown(N)"; an unset one "unspecified".
+Enums cross as the domain names of `monitor.domain` (actions "alert"/"steer"/"block"/"log"/
+"escalate"/"shadow", intervention kinds "log"/"alert"/"block"/"steer"/"escalate"/"shadow"/
+"override", steering kinds "add"/"ablate"/"clamp", positions "prompt"/"generated"/"all", request
+kinds "generate"/"score", finish reasons "stop"/"length"/"blocked"), through the tables of
+`monitor.enums`, the same ones the server uses. A number a response carries that the client does
+not know reads "unknown(N)"; an unset one "unspecified".
 
 Response-level fields ride on the returned lists: `score()` returns a `ScoreResults` list with
 `.request_id` and `.snapshot_version`; `list_detectors()` and `reload_detectors()` return a
@@ -114,7 +115,7 @@ class Alert:
     detector_version: str
     score: float
     threshold: float
-    action: str  # alert | steer | block
+    action: str  # monitor.domain.ACTIONS
     token_index: int
     create_time: datetime | None
     client_id: str = ""
@@ -124,6 +125,8 @@ class Alert:
     tags: dict[str, str] = field(default_factory=dict)
     snapshot_version: str = ""
     explanation: Explanation | None = None
+    rule_id: str = ""  # the policy rule that raised it (the detector id without a policy file)
+    policy_version: str = ""
 
     @classmethod
     def from_proto(cls, a: pb.Alert) -> Alert:
@@ -132,7 +135,8 @@ class Alert:
                    _name(_ACTION, a.action), a.token_index, _time(a, "create_time"), md.client_id,
                    _name(_REQUEST_KIND, a.request_kind), a.input_index, md.conversation_id, dict(md.tags),
                    a.snapshot_version,
-                   Explanation.from_proto(a.explanation) if a.HasField("explanation") else None)
+                   Explanation.from_proto(a.explanation) if a.HasField("explanation") else None,
+                   a.rule_id, a.policy_version)
 
 
 @dataclass(frozen=True)
@@ -190,8 +194,25 @@ class OverrideInfo:
 
 
 @dataclass(frozen=True)
+class EscalationVerdict:
+    """What a second-opinion check answered (an intervention of kind "escalate")."""
+
+    endpoint: str
+    flagged: bool
+    categories: list[str]
+    latency_seconds: float
+    error: str = ""  # why the check failed; "" when it answered
+
+    @classmethod
+    def from_proto(cls, v: pb.EscalationVerdict) -> EscalationVerdict:
+        return cls(v.endpoint, v.flagged, list(v.categories), v.latency_seconds, v.error)
+
+
+@dataclass(frozen=True)
 class Intervention:
-    kind: str  # block | steer | override
+    """One entry of the decision trail, streamed by Generate or read back with `get_interventions`."""
+
+    kind: str  # log | alert | block | steer | escalate | shadow | override
     detector_id: str  # "" for steering requested to run from the start
     token_index: int
     intervention_id: str = ""
@@ -201,6 +222,13 @@ class Intervention:
     override: OverrideInfo | None = None  # for kind "override"
     client_id: str = ""
     snapshot_version: str = ""
+    rule_id: str = ""  # the policy rule that decided; "" for client steering and overrides
+    policy_version: str = ""
+    detector_version: str = ""
+    score: float = 0.0  # the detector's aggregate when the rule fired
+    outcome: str = ""  # logged | alerted | blocked | steered | shadowed | overridden | failed_open | failed_closed
+    escalation: EscalationVerdict | None = None  # for kind "escalate"
+    shadow_action: str | None = None  # for kind "shadow": what the rule would have done
 
     @classmethod
     def from_proto(cls, i: pb.Intervention) -> Intervention:
@@ -214,7 +242,10 @@ class Intervention:
             override = OverrideInfo(o.detector_id, o.threshold if o.HasField("threshold") else None,
                                     _name(_ACTION, o.action) if o.action else None)
         return cls(_name(_INTERVENTION, i.kind), i.detector_id, i.token_index, i.intervention_id, i.request_id,
-                   _time(i, "create_time"), steering, override, i.metadata.client_id, i.snapshot_version)
+                   _time(i, "create_time"), steering, override, i.metadata.client_id, i.snapshot_version, i.rule_id,
+                   i.policy_version, i.detector_version, i.score, i.outcome,
+                   EscalationVerdict.from_proto(i.escalation) if i.HasField("escalation") else None,
+                   _name(_ACTION, i.shadow_action) if i.shadow_action else None)
 
 
 @dataclass(frozen=True)
@@ -228,6 +259,8 @@ class Summary:
     prompt_tokens: int
     completion_tokens: int
     snapshot_version: str = ""
+    refusal: str = ""  # finish_reason "blocked": the blocking rule's refusal, to show in place of the text
+    policy_version: str = ""
 
 
 Event = Token | Alert | Intervention | Summary
@@ -377,6 +410,20 @@ def generate_request(messages_or_prompt, *, max_new_tokens=0, temperature=None, 
 def _alerts_request(detector_id="", request_id="", client_id="", page_size=0, page_token="", since=None, until=None):
     req = pb.GetAlertsRequest(detector_id=detector_id, request_id=request_id, client_id=client_id,
                               page_size=page_size, page_token=page_token)
+    return _times(req, since, until)
+
+
+def _interventions_request(detector_id="", request_id="", client_id="", rule_id="", kind=None, page_size=0,
+                           page_token="", since=None, until=None):
+    """`kind`: a domain name (log, alert, block, steer, escalate, shadow, override); None = every kind."""
+    req = pb.GetInterventionsRequest(detector_id=detector_id, request_id=request_id, client_id=client_id,
+                                     rule_id=rule_id, page_size=page_size, page_token=page_token)
+    if kind is not None:
+        req.kind = _number("kind", enums.INTERVENTION, kind)
+    return _times(req, since, until)
+
+
+def _times(req, since: datetime | None, until: datetime | None):
     if since is not None:
         req.start_time.FromDatetime(since)
     if until is not None:
@@ -409,7 +456,7 @@ def _event(msg: pb.GenerateResponse) -> Event:
     return Summary(s.request_id, _name(_FINISH, s.finish_reason), s.text,
                    {d.detector_id: d.score for d in s.scores}, {d.detector_id: d.flagged for d in s.scores},
                    [Alert.from_proto(a) for a in s.alerts], s.usage.prompt_tokens, s.usage.completion_tokens,
-                   s.snapshot_version)
+                   s.snapshot_version, s.refusal, s.policy_version)
 
 
 def _detectors(resp) -> DetectorList:
@@ -507,6 +554,13 @@ class Client:
         resp = self.stub.GetAlerts(_alerts_request(**kw), timeout=self.timeout)
         return [Alert.from_proto(a) for a in resp.alerts], resp.next_page_token
 
+    def get_interventions(self, **kw) -> tuple[list[Intervention], str]:
+        """One page of the decision trail, oldest first, and the token of the next ("" on the last).
+        Filters: detector_id, request_id, client_id, rule_id, kind (a domain name), since, until;
+        page_size, page_token. An unknown kind raises ValueError before any call."""
+        resp = self.stub.GetInterventions(_interventions_request(**kw), timeout=self.timeout)
+        return [Intervention.from_proto(i) for i in resp.interventions], resp.next_page_token
+
     def get_server_info(self) -> ServerInfo:
         return _server_info(self.stub.GetServerInfo(pb.GetServerInfoRequest(), timeout=self.timeout))
 
@@ -557,6 +611,10 @@ class AsyncClient:
     async def get_alerts(self, **kw) -> tuple[list[Alert], str]:
         resp = await self.stub.GetAlerts(_alerts_request(**kw), timeout=self.timeout)
         return [Alert.from_proto(a) for a in resp.alerts], resp.next_page_token
+
+    async def get_interventions(self, **kw) -> tuple[list[Intervention], str]:
+        resp = await self.stub.GetInterventions(_interventions_request(**kw), timeout=self.timeout)
+        return [Intervention.from_proto(i) for i in resp.interventions], resp.next_page_token
 
     async def get_server_info(self) -> ServerInfo:
         return _server_info(await self.stub.GetServerInfo(pb.GetServerInfoRequest(), timeout=self.timeout))

@@ -39,7 +39,8 @@ class BatchSettings(BaseModel):
 
 class DetectorPolicyConfig(BaseModel):
     """What one detector's alert does. `steer` ablates the detector's own direction at its hook point
-    from the next generated token on (linear detectors only)."""
+    from the next generated token on (from the first, when it fires on the prompt; linear detectors
+    only). A policy file (`policy`) says more: see monitor.policy."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -102,7 +103,14 @@ class Settings(BaseSettings):
         "detectors are loaded with them.",
     )
     detectors: dict[str, DetectorPolicyConfig] = Field(
-        default_factory=dict, description="Per-detector policy by detector id; detectors not listed only alert."
+        default_factory=dict, description="Per-detector policy by detector id; detectors not listed only alert. "
+        "With a `policy` file, set per-detector policy there instead.",
+    )
+    policy: Path | None = Field(
+        None,
+        description="Policy file (YAML; monitor.policy): rules from detector scores to log, alert, block, steer, "
+        "escalate or shadow. Re-read on ReloadDetectors, SIGHUP and when the file changes; a bad file keeps the "
+        "running policy. Shipped packs it names are loaded. Unset = one alert rule per detector (`detectors`).",
     )
     explain_tokens: int = Field(
         5, ge=0, le=EXPLAIN_MAX_TOKENS,

@@ -1,15 +1,17 @@
 """Policy as decisions: a pure function from a request's rules and one token's scores to what
 happens next. The model thread applies a decision's effect on the model (stop, steer) before the
-next step; the servicer turns the same decisions into stream events, records and metrics."""
+next step; the servicer turns the same decisions into stream events, records and metrics (and
+asks an escalation's second opinion, whose verdict comes back as a `Reaction`)."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from monitor.domain import Action
+from monitor.escalation import Verdict
 from monitor.snapshot import Rule
 from monitor.steering import Steering
 
@@ -35,33 +37,57 @@ class Reaction:
     block: bool = False
     steer: list[Steering] = field(default_factory=list)
 
+    def merge(self, other: Reaction) -> Reaction:
+        return Reaction(self.block or other.block, self.steer + other.steer)
+
+
+def scored_tokens(rule: Rule, prompt_tokens: int, token_index: int) -> int | None:
+    """How many tokens of the rule's `where` its aggregate has read at event `token_index` (event 0
+    follows the prompt; event i has read i generated tokens), or None when it is not decided there."""
+    if rule.where == "prompt":
+        return prompt_tokens if token_index == 0 else None
+    if rule.where == "completion":
+        return token_index or None
+    return prompt_tokens + token_index
+
 
 def decide(rules: Sequence[Rule], aggregate: np.ndarray, fired: frozenset[str], token_index: int,
-           triggered: Mapping[str, Sequence[Steering]] | None = None) -> list[Decision]:
-    """Rules whose aggregate score reached their threshold for the first time at this token.
+           prompt_tokens: int) -> list[Decision]:
+    """Rules whose condition holds for the first time at this token (each fires once per request;
+    `fired` holds the ids that fired before).
 
-    `fired` holds the ids that fired before (each rule fires once per request); `triggered` is
-    steering the client asked to start when a given detector fires. A score that is not finite
-    (packs are checked when they load, but activations can still overflow) fails closed: the
-    rule fires with score 1.0, so a broken detector can never go quiet.
+    A score that is not finite (packs are checked when they load, but activations can still
+    overflow) fails closed: it reads 1.0, so a broken detector can never go quiet.
     """
-    out, triggered = [], triggered or {}
+    out = []
     for r in rules:
         if r.id in fired:
+            continue
+        n = scored_tokens(r, prompt_tokens, token_index)
+        if n is None or n < r.min_tokens:
             continue
         score = float(aggregate[r.slot])
         if not np.isfinite(score):
             score = 1.0
-        if score >= r.threshold:
-            own = (r.steering,) if r.act.steers and r.steering is not None else ()
-            out.append(Decision(r, score, token_index, own + tuple(triggered.get(r.id, ()))))
+        if r.holds(score):
+            out.append(Decision(r, score, token_index, r.steering if r.act.steers else ()))
     return out
 
 
+def verdict_effect(rule: Rule, verdict: Verdict) -> tuple[str | None, str | None]:
+    """(action, outcome) an escalation's verdict leads to: the rule's on_flagged / on_clear, or for a
+    failed check nothing ("failed_open"), or a block with `fail_closed` ("failed_closed")."""
+    esc = rule.escalate
+    if verdict.failed:
+        return ("block", "failed_closed") if esc.fail_closed else (None, "failed_open")
+    return (esc.on_flagged if verdict.flagged else esc.on_clear), None
+
+
 def reaction(decisions: Sequence[Decision]) -> Reaction:
+    """Shadow rules never act; an escalation acts only once its verdict is in."""
     if any(d.action.stops for d in decisions):
         return Reaction(block=True)
     return Reaction(steer=[s for d in decisions for s in d.steering])
 
 
-__all__ = ["Decision", "Reaction", "decide", "reaction"]
+__all__ = ["Decision", "Reaction", "decide", "reaction", "scored_tokens", "verdict_effect"]

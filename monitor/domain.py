@@ -51,7 +51,7 @@ class HookPoint:
 
 @dataclass(frozen=True)
 class Action:
-    """What a rule does when its detector fires.
+    """What a rule does when its condition holds (monitor.policy).
 
     `strength` orders actions by how much they constrain the model: a request may never swap a
     rule's action for a weaker one unless the server config allows it explicitly.
@@ -62,18 +62,37 @@ class Action:
     records_alert: bool  # writes an alert record
     stops: bool = False  # ends the generation (finish reason `blocked`)
     steers: bool = False  # switches the rule's steering on for the rest of the request
+    acts: bool = True  # False: shadow, which records what it would have done and nothing else
 
 
 ACTIONS: dict[str, Action] = {
     a.name: a
     for a in (
+        Action("shadow", 0, records_alert=False, acts=False),
+        Action("log", 0, records_alert=False),
         Action("alert", 1, records_alert=True),
+        Action("escalate", 2, records_alert=False),  # the verdict's own action raises the alert
         Action("steer", 2, records_alert=True, steers=True),
         Action("block", 3, records_alert=True, stops=True),
     )
 }
+RuleActionName = Literal["shadow", "log", "alert", "escalate", "steer", "block"]
+assert set(get_args(RuleActionName)) == set(ACTIONS)
+# What `detectors:` settings and per-request overrides may set: actions that need nothing but a detector.
 ActionName = Literal["alert", "steer", "block"]
-assert set(get_args(ActionName)) == set(ACTIONS)
+OVERRIDE_ACTIONS: tuple[str, ...] = get_args(ActionName)
+# What an escalation verdict may lead to.
+VerdictActionName = Literal["log", "alert", "steer", "block"]
+
+# What a decision-trail record says the monitor did (InterventionRecord.outcome).
+DECISION_OUTCOMES = ("logged", "alerted", "blocked", "steered", "shadowed", "overridden", "failed_open",
+                     "failed_closed")
+OUTCOME_OF_ACTION = {"log": "logged", "alert": "alerted", "block": "blocked", "steer": "steered",
+                     "shadow": "shadowed"}
+
+# Where a policy rule reads its detector's aggregate: the prompt (decided once, when it is
+# read), the generated tokens only, or both as one running aggregate.
+RuleWhere = Literal["prompt", "completion", "both"]
 
 # ---------------------------------------------------------------------------- aggregations
 
@@ -89,7 +108,9 @@ REQUEST_KINDS: tuple[str, ...] = get_args(RequestKind)
 FINISH_REASONS = ("stop", "length", "blocked")  # a generation that ended normally
 END_REASONS = (*FINISH_REASONS, "cancelled", "deadline_exceeded", "error")  # and every other end
 
-InterventionKind = Literal["block", "steer", "override"]
+# The decision trail: every rule that fired writes one record of its action's kind (steer: one per
+# steering it switched on); client steering writes `steer`, per-request overrides `override`.
+InterventionKind = Literal["log", "alert", "block", "steer", "escalate", "shadow", "override"]
 INTERVENTION_KINDS: tuple[str, ...] = get_args(InterventionKind)
 SteeringKind = Literal["add", "ablate", "clamp"]  # clamp: set an SAE latent (monitor.steering)
 STEERING_KINDS: tuple[str, ...] = get_args(SteeringKind)

@@ -216,7 +216,7 @@ class Generation:
         parts = [tokens.float()[:, None]]
         p, prompt_width = 0, 0
         if self.state is not None:
-            agg = runner.update(self.state, scored).sigmoid()
+            agg = runner.update(self.state, scored, prompt=first).sigmoid()
             parts += [self.state.step_logits[:, -1].sigmoid(), agg]
             p = agg.shape[1]
             if first and self.bank.explain_tokens:  # every prompt token's scores, once, for explanations

@@ -16,7 +16,7 @@ from latentwatch.v1 import monitor_pb2 as pb
 from monitor.admission import ClientSteering, Override
 from monitor.auth import identity
 from monitor.config import Settings
-from monitor.domain import HookPointError
+from monitor.domain import OVERRIDE_ACTIONS, HookPointError
 from monitor.enums import ACTION, DETECTOR_KIND, INTERVENTION, POSITIONS, REQUEST_KIND, ROLES, STEERING_KIND
 from monitor.errors import RequestError, clip
 from monitor.generation import Sampling
@@ -56,9 +56,21 @@ def client_id(md: pb.RequestMetadata) -> str:
     return who.client_id if who is not None else md.client_id
 
 
-def context(kind: str, md: pb.RequestMetadata, snapshot_version: str) -> RequestContext:
-    return RequestContext(kind, snapshot_version, client_id=client_id(md) or None,
+def context(kind: str, md: pb.RequestMetadata, snapshot) -> RequestContext:
+    return RequestContext(kind, snapshot.version, snapshot.policy_version, client_id=client_id(md) or None,
                           conversation_id=md.conversation_id or None, tags=dict(md.tags))
+
+
+def transcript(msgs) -> str:
+    """Chat messages as plain text for a second opinion: one message is its content, several are
+    ``role: content`` paragraphs."""
+    if len(msgs) == 1:
+        return msgs[0].content
+    return "\n\n".join(f"{m.role}: {m.content}" for m in msgs)
+
+
+def input_text(inp: pb.ScoreInput) -> str:
+    return inp.text or transcript(inp.messages)
 
 
 def messages(msgs, field: str) -> list[dict]:
@@ -180,7 +192,11 @@ def overrides(request: pb.GenerateRequest) -> list[Override]:
         threshold = o.threshold if o.HasField("threshold") else None
         if threshold is not None and not math.isfinite(threshold):
             raise RequestError("INVALID_ARGUMENT", f"policy_overrides[{i}].threshold: must be finite")
-        out.append(Override(o.detector_id, threshold, _enum(f"policy_overrides[{i}].action", o.action, actions)))
+        action = _enum(f"policy_overrides[{i}].action", o.action, actions)
+        if action is not None and action not in OVERRIDE_ACTIONS:
+            raise RequestError("INVALID_ARGUMENT", f"policy_overrides[{i}].action: a request may override with "
+                                                   f"{', '.join(OVERRIDE_ACTIONS)}; {action} is for policy rules")
+        out.append(Override(o.detector_id, threshold, action))
     return out
 
 
@@ -201,7 +217,8 @@ def alert(rec, md: pb.RequestMetadata | None = None) -> pb.Alert:
                    request_kind=REQUEST_KIND.get(rec.request_kind, 0), detector_id=rec.detector_id,
                    detector_version=rec.detector_version, score=rec.score, threshold=rec.threshold,
                    action=ACTION.get(rec.action, 0), token_index=rec.token_index or 0,
-                   input_index=rec.input_index or 0, metadata=md, snapshot_version=rec.snapshot_version or "")
+                   input_index=rec.input_index or 0, metadata=md, snapshot_version=rec.snapshot_version or "",
+                   rule_id=rec.rule_id or "", policy_version=rec.policy_version or "")
     if rec.explanation is not None:
         e = rec.explanation
         msg.explanation.CopyFrom(pb.Explanation(
@@ -217,7 +234,15 @@ def intervention(rec, md: pb.RequestMetadata) -> pb.Intervention:
     A clamp is echoed as it is asked for, by sae_id and latent (vector_id unset)."""
     msg = pb.Intervention(intervention_id=rec.intervention_id, create_time=timestamp(rec.created_at),
                           request_id=rec.request_id, kind=INTERVENTION[rec.kind], detector_id=rec.detector_id or "",
-                          token_index=rec.token_start, metadata=md, snapshot_version=rec.snapshot_version)
+                          token_index=rec.token_start, metadata=md, snapshot_version=rec.snapshot_version,
+                          rule_id=rec.rule_id or "", policy_version=rec.policy_version or "",
+                          detector_version=rec.detector_version or "", score=rec.score or 0.0,
+                          outcome=rec.outcome or "", shadow_action=ACTION.get(rec.shadow_action, 0))
+    if rec.escalation is not None:
+        v = rec.escalation
+        msg.escalation.CopyFrom(pb.EscalationVerdict(
+            endpoint=v.get("endpoint", ""), flagged=bool(v.get("flagged")), categories=v.get("categories", []),
+            latency_seconds=v.get("latency_s", 0.0), error=v.get("error") or ""))
     if rec.kind == "steer":
         clamp = rec.steering_kind == "clamp"
         msg.steering.CopyFrom(pb.SteeringRequest(
@@ -234,11 +259,11 @@ def intervention(rec, md: pb.RequestMetadata) -> pb.Intervention:
     return msg
 
 
-def score_result(enc, res, rules, token_scores: bool) -> pb.ScoreResult:
+def score_result(enc, res, views, token_scores: bool) -> pb.ScoreResult:
     out = pb.ScoreResult(token_count=len(enc))
-    for r in rules:
+    for r in views:
         score = finite(res.probs[r.slot])
-        dr = pb.DetectorResult(detector_id=r.id, score=score, flagged=score >= r.threshold)
+        dr = pb.DetectorResult(detector_id=r.detector, score=score, flagged=score >= r.threshold)
         if token_scores:
             dr.token_scores.extend(finite(p) for p in res.token_probs[:, r.slot])
         out.detectors.append(dr)
@@ -255,7 +280,7 @@ def finite(p) -> float:
 
 def detector(rule, det) -> pb.Detector:
     man = det.manifest
-    d = pb.Detector(id=rule.id, version=rule.version, kind=DETECTOR_KIND.get(det.head.scorer_kind, 0),
+    d = pb.Detector(id=rule.detector, version=rule.version, kind=DETECTOR_KIND.get(det.head.scorer_kind, 0),
                     hook_point=rule.hook_point, threshold=rule.threshold, action=ACTION[rule.action],
                     description=getattr(man, "description", "") or "")
     cal = getattr(man, "calibration", None)
@@ -268,4 +293,4 @@ def detector(rule, det) -> pb.Detector:
 
 
 def detectors(snapshot) -> list[pb.Detector]:
-    return [detector(r, snapshot.bank.detectors[r.slot]) for r in snapshot.rules]
+    return [detector(r, snapshot.bank.detectors[r.slot]) for r in snapshot.views]

@@ -33,12 +33,15 @@ OTHER = "other"
 # requested to run from the start).
 NO_DETECTOR = "none"
 
-RPC_KINDS = ("generate", "score", "list_detectors", "get_alerts", "reload_detectors", "get_server_info")
+RPC_KINDS = ("generate", "score", "list_detectors", "get_alerts", "get_interventions", "reload_detectors",
+             "get_server_info")
 TOKEN_KINDS = ("prompt", "completion")
 BATCH_KINDS = ("generate", "score")
 REFUSAL_REASONS = ("busy", "client_limit", "deadline")
 FORWARD_KINDS = ("prefill", "decode", "score")
 AUTH_FAILURES = ("missing", "invalid", "forbidden")  # no token, a token not in the file, a role lacking
+VERDICTS = ("flagged", "clear", "failed")  # escalation verdicts
+RELOAD_RESULTS = ("ok", "failed")
 ALERT_ACTIONS = tuple(ACTIONS)
 
 # Calibrated scores are in [0, 1]: 0.05, 0.10, ..., 1.0 (+Inf is implicit).
@@ -244,6 +247,27 @@ class Metrics:
             ["reason"],
             registry=r,
         )
+        self.escalations = Counter(
+            PREFIX + "escalations",
+            "Second opinions asked by escalate rules, by endpoint (policy name) and verdict: flagged, clear, "
+            "failed. Deferral rate: rate of this over rate of requests.",
+            ["endpoint", "verdict"],
+            registry=r,
+        )
+        self.escalation_latency = Histogram(
+            PREFIX + "escalation_latency_seconds",
+            "How long a second opinion took, failures included (bounded by the endpoint's timeout).",
+            ["endpoint"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.policy_reloads = Counter(
+            PREFIX + "policy_reloads",
+            "Snapshot reloads (ReloadDetectors, SIGHUP, a changed policy file) by result; on `failed` the running "
+            "snapshot stays in force.",
+            ["result"],
+            registry=r,
+        )
 
         # Create the fixed-label series up front so they read 0, not absent.
         for kind in RPC_KINDS:
@@ -262,6 +286,8 @@ class Metrics:
             self.forward_passes.labels(kind)
         for reason in AUTH_FAILURES:
             self.auth_failures.labels(reason)
+        for result in RELOAD_RESULTS:
+            self.policy_reloads.labels(result)
         self.set_detectors(detectors)
 
     # -- detector label set -------------------------------------------------
@@ -389,6 +415,15 @@ class Metrics:
 
     def record_storage_reject(self) -> None:
         self.storage_rejected.inc()
+
+    def record_escalation(self, endpoint: str, flagged: bool | None, latency_s: float) -> None:
+        """`endpoint` is a name from the server's policy file (bounded); `flagged` None = the check failed."""
+        verdict = "failed" if flagged is None else "flagged" if flagged else "clear"
+        self.escalations.labels(endpoint, verdict).inc()
+        self.escalation_latency.labels(endpoint).observe(latency_s)
+
+    def record_policy_reload(self, ok: bool) -> None:
+        self.policy_reloads.labels("ok" if ok else "failed").inc()
 
     def record_auth_failure(self, reason: str) -> None:
         """Count a refused request: never with the token, which is no label value."""

@@ -399,10 +399,11 @@ class ModelRunner:
                     out.setdefault(k, np.zeros((len(items), v.shape[-1]), np.float32))[idx] = v.cpu().numpy()
         return out
 
-    def update(self, state: BankState, scored: torch.Tensor) -> torch.Tensor:
-        """Fold a step into the bank state, counting the time as monitoring overhead."""
+    def update(self, state: BankState, scored: torch.Tensor, *, prompt: bool = True) -> torch.Tensor:
+        """Fold a step into the bank state (`prompt`: its tokens are the prompt's), counting the time
+        as monitoring overhead."""
         with self.monitoring():
-            return state.update(scored)
+            return state.update(scored, prompt=prompt)
 
     @contextlib.contextmanager
     def monitoring(self):

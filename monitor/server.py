@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import gc
 import hashlib
 import importlib.metadata
 import logging
+import os
 import signal
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from datetime import UTC, datetime
 
 import grpc
@@ -25,13 +28,15 @@ from pydantic import ValidationError
 
 from latentwatch.v1 import monitor_pb2 as pb
 from latentwatch.v1 import monitor_pb2_grpc as pb_grpc
-from monitor import http, mapping, tls
+from monitor import escalation, http, mapping, tls
 from monitor.admission import apply_overrides, check_steering
 from monitor.auth import Auth, alerts_client
 from monitor.config import Settings
-from monitor.decisions import decide
-from monitor.domain import END_OUTCOME
+from monitor.decisions import decide, verdict_effect
+from monitor.domain import ACTIONS, END_OUTCOME
+from monitor.enums import INTERVENTION
 from monitor.errors import RequestError
+from monitor.escalation import Verdict
 from monitor.explain import explanation
 from monitor.grpc_services import add_health_and_reflection
 from monitor.interceptor import ErrorInterceptor, current
@@ -39,8 +44,8 @@ from monitor.limits import Admission
 from monitor.metrics import Metrics
 from monitor.runner import Encoded, InputError, InputTooLong, ModelRunner
 from monitor.scheduler import Scheduler
-from monitor.snapshot import Snapshot, build_snapshot
-from monitor.storage import StorageUnavailable, StorageWriter, get_alerts
+from monitor.snapshot import Snapshot, build_snapshot, detector_views
+from monitor.storage import StorageUnavailable, StorageWriter, get_alerts, get_interventions
 from monitor.streams import GenerateJob, GenerateStream
 from monitor.trail import Trail, open_writer
 from monitor.wire import add_service
@@ -48,6 +53,7 @@ from monitor.wire import add_service
 log = logging.getLogger(__name__)
 SERVICE = pb.DESCRIPTOR.services_by_name["Monitor"]
 DEFAULT_PAGE_SIZE = 100
+_INTERVENTION_KIND = {number: name for name, number in INTERVENTION.items()}  # GetInterventions.kind
 
 
 class MonitorService(pb_grpc.MonitorServicer):
@@ -59,7 +65,9 @@ class MonitorService(pb_grpc.MonitorServicer):
         self.metrics = metrics or Metrics()
         self.trail = Trail(writer, self.metrics, runner.model_id)
         self.reload_settings = reload_settings or (lambda: settings)
+        self.endpoints: dict[tuple[str, str], escalation.Endpoint] = {}  # second opinions, by (name, config)
         self.snapshot: Snapshot = build_snapshot(settings, runner)
+        self._prepare(self.snapshot)
         self._install(self.snapshot)
         self.scheduler = Scheduler(runner, self.metrics, score_batch=settings.score.max_batch,
                                    score_wait_ms=settings.score.max_wait_ms, gen_batch=settings.generate.max_batch,
@@ -68,8 +76,9 @@ class MonitorService(pb_grpc.MonitorServicer):
         self.tokenizer_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="latentwatch-tokenize")
         self.draining = False
         self.admission = Admission(settings, self.metrics)
-        self.streams: dict[GenerateJob, GenerateStream] = {}  # Generate requests in flight
+        self.streams: set[GenerateStream] = set()  # Generate requests in flight
         self._reloading = asyncio.Lock()
+        self.policy_path, self._policy_seen = settings.policy, _signature(settings.policy)
 
     def _install(self, snapshot: Snapshot) -> None:
         """Admit new requests with this snapshot; those in flight keep the one they were admitted with."""
@@ -96,23 +105,30 @@ class MonitorService(pb_grpc.MonitorServicer):
         if snap.bank is None:
             raise RequestError("FAILED_PRECONDITION", "detectors: no detectors are loaded on this server")
         items = [await self._score_input(i, inp, snap) for i, inp in enumerate(request.inputs)]
-        ctx = mapping.context("score", request.metadata, snap.version)
+        ctx = mapping.context("score", request.metadata, snap)
         current.get().request_id = ctx.request_id
+        rules = snap.rules_for(ctx.client_id or "", ctx.tags)
         self.trail.request(ctx)
         results = await asyncio.wrap_future(self.scheduler.submit_score(items, snap.bank))
         resp = pb.ScoreResponse(request_id=ctx.request_id, snapshot_version=snap.version)
         alerted: list[str] = []
         for i, (enc, res) in enumerate(zip(items, results)):
-            decisions = decide(snap.rules, res.probs, frozenset(), 0)  # every rule, reported or not
+            # every rule, reported or not; Score reads no completion, and cannot block or steer: those alert
+            decisions = decide(rules, res.probs, frozenset(), 0, len(enc) - enc.score_from)
             for d in decisions:
                 tok = int(res.token_probs[:, d.rule.slot].argmax())
                 a, b = res.token_offsets[tok] if res.token_offsets else (None, None)
                 why = explanation(snap.bank, d.rule.slot, res.token_probs, 0,
                                   lambda j, e=enc: e.token_text(e.score_from + j), res.latents)
-                self.trail.alert(ctx, d.rule, d.score, tok, action="alert", input_index=i,
-                                 span=(a, b, enc.text[a:b] if a is not None else None), explanation=why)
-            if decisions:
-                alerted.append(enc.text)
+                effect, kw = d.rule.action, {}
+                if effect == "escalate":
+                    verdict = await self.escalate(snap, d.rule, mapping.input_text(request.inputs[i]))
+                    effect, outcome = verdict_effect(d.rule, verdict)
+                    kw = {"verdict": verdict, "outcome": outcome}
+                effect = "alert" if effect in ("block", "steer") else effect
+                self.trail.decision(ctx, replace(d, token_index=tok, steering=()), why, effect=effect, input_index=i,
+                                    span=(a, b, enc.text[a:b] if a is not None else None), **kw)
+                alerted += [enc.text] if effect is not None and ACTIONS[effect].records_alert else []
             for r in reported:
                 self.metrics.observe_score(r.id, float(res.probs[r.slot]))
             resp.results.append(mapping.score_result(enc, res, reported, request.include_token_scores))
@@ -137,10 +153,11 @@ class MonitorService(pb_grpc.MonitorServicer):
         if snap.bank is None and not self.settings.serve_unmonitored:
             raise RequestError("FAILED_PRECONDITION", "detectors: none are loaded, and this server does not generate "
                                                       "unmonitored; load a pack (serve_unmonitored is for benchmarks)")
-        shown = {r.id for r in snap.select(list(request.detectors))}
+        shown = {r.detector for r in snap.select(list(request.detectors))}
         client = mapping.client_id(request.metadata)
         overrides = mapping.overrides(request)
-        rules = apply_overrides(snap, client, overrides)
+        tags = dict(request.metadata.tags)
+        rules = [r for r in apply_overrides(snap, client, overrides) if r.applies_to(client, tags)]
         sampling = mapping.sampling(request, self.settings)
         steering = mapping.client_steering(request, self.runner, snap)
         check_steering(snap, client, steering)
@@ -154,17 +171,22 @@ class MonitorService(pb_grpc.MonitorServicer):
                                                      f"{self.runner.max_length} tokens")
         remaining = context.time_remaining()
         self.admission.check_deadline("generate", remaining)
-        ctx = mapping.context("generate", request.metadata, snap.version)
+        ctx = mapping.context("generate", request.metadata, snap)
         current.get().request_id = ctx.request_id
-        stream = GenerateStream(ctx, self.trail, encoded=enc, reported=[r for r in rules if r.id in shown],
+        reported = [r for r in detector_views(rules) if r.detector in shown]
+        stream = GenerateStream(ctx, self.trail, encoded=enc, reported=reported,
                                 include_scores=request.include_token_scores, loop=asyncio.get_running_loop(),
-                                bank=snap.bank, decode=self.runner.tokenizer.decode)
+                                bank=snap.bank, decode=self.runner.tokenizer.decode,
+                                request_text=request.prompt or mapping.transcript(request.messages),
+                                escalate=lambda rule, text: self.escalate(snap, rule, text),
+                                resubmit=self.scheduler.submit_generate)
         job = GenerateJob(enc, sampling, snap, rules, steering,
                           time.monotonic() + remaining if remaining is not None else None, stream.deliver)
+        stream.job = job
         self.trail.request(ctx, prompt_tokens=len(enc), prompt_text=enc.text)  # the row exists from admission
         admitted = self.trail.overrides(ctx, overrides) + self.trail.client_steering(ctx, steering)
         self.scheduler.submit_generate(job)
-        self.streams[job] = stream
+        self.streams.add(stream)
         try:
             for rec in admitted:
                 yield pb.GenerateResponse(intervention=mapping.intervention(rec, stream.md))
@@ -175,52 +197,83 @@ class MonitorService(pb_grpc.MonitorServicer):
                     yield msg
             current.get().outcome = END_OUTCOME.get(stream.reason, "internal")
         finally:
-            self.streams.pop(job, None)
-            job.cancel()  # a no-op once it ended; else its row leaves the batch before the next step
+            self.streams.discard(stream)
+            stream.closed = True
+            stream.job.cancel()  # a no-op once it ended; else its row leaves the batch before the next step
 
     async def ListDetectors(self, request, context) -> pb.ListDetectorsResponse:
         snap = self.snapshot
         return pb.ListDetectorsResponse(detectors=mapping.detectors(snap), snapshot_version=snap.version)
 
     async def ReloadDetectors(self, request, context) -> pb.ReloadDetectorsResponse:
+        snap = await self.reload("ReloadDetectors")
+        return pb.ReloadDetectorsResponse(detectors=mapping.detectors(snap), snapshot_version=snap.version)
+
+    async def reload(self, why: str) -> Snapshot:
+        """Re-read the configuration, packs and policy file into a new snapshot and swap it in; when
+        anything is bad, the running snapshot stays (FAILED_PRECONDITION naming the problem)."""
         async with self._reloading:
             try:
                 settings = await asyncio.to_thread(self.reload_settings)
                 snap = await asyncio.to_thread(build_snapshot, settings, self.runner)
-            except ValidationError as e:
-                raise RequestError("FAILED_PRECONDITION",
-                                   f"reload failed, previous detectors kept: configuration has {e.error_count()} "
-                                   f"error(s), first at {'.'.join(map(str, e.errors()[0]['loc']))}") from None
-            except ValueError as e:  # PackError and policy errors name the pack or setting
+                self._prepare(snap)
+            except (ValidationError, ValueError) as e:
+                self.metrics.record_policy_reload(False)
+                if isinstance(e, ValidationError):  # the settings themselves
+                    loc = ".".join(map(str, e.errors()[0]["loc"]))
+                    e = f"configuration has {e.error_count()} error(s), first at {loc}"
+                log.warning("reload (%s) failed, the running snapshot %s stays in force: %s", why,
+                            self.snapshot.version, e)
                 raise RequestError("FAILED_PRECONDITION", f"reload failed, previous detectors kept: {e}") from None
+            self.metrics.record_policy_reload(True)
+            if snap.version != self.snapshot.version:
+                log.info("reload (%s): snapshot %s (policy %s)", why, snap.version, snap.policy_version or "none")
             self._install(snap)
-        return pb.ReloadDetectorsResponse(detectors=mapping.detectors(snap), snapshot_version=snap.version)
+            self.policy_path, self._policy_seen = settings.policy, _signature(settings.policy)
+            return snap
+
+    async def watch_policy(self, every_s: float = 1.0) -> None:
+        """Reload when the policy file changes (its inode, size or mtime); a bad version is logged,
+        counted and leaves the running policy in force until the file changes again."""
+        while True:
+            await asyncio.sleep(every_s)
+            path = self.policy_path
+            if path is not None and _signature(path) != self._policy_seen:
+                self._policy_seen = _signature(path)
+                with contextlib.suppress(RequestError):
+                    await self.reload(f"{path} changed")
+
+    def _prepare(self, snap: Snapshot) -> None:
+        """Make the snapshot's escalation endpoints before it admits anything: a missing API key
+        variable or a bad CA file fails the load, not a request. Endpoints are kept per (name,
+        config), so requests admitted under an older snapshot still reach theirs."""
+        for name, cfg in snap.escalations.items():
+            key = (name, cfg.model_dump_json())
+            if key not in self.endpoints:
+                try:
+                    self.endpoints[key] = escalation.endpoint(name, cfg)
+                except ValueError as e:
+                    raise ValueError(f"policy escalations.{name}: {e}") from None
+
+    async def escalate(self, snap: Snapshot, rule, text: str) -> Verdict:
+        """Ask `rule`'s second opinion (its endpoint is made when its snapshot was installed)."""
+        name = rule.escalate.endpoint
+        verdict = await self.endpoints[(name, snap.escalations[name].model_dump_json())].check(text)
+        self.metrics.record_escalation(name, verdict.flagged, verdict.latency_s)
+        return verdict
 
     async def GetAlerts(self, request: pb.GetAlertsRequest, context) -> pb.GetAlertsResponse:
-        if self.writer is None:
-            raise RequestError("FAILED_PRECONDITION", "no database is configured")
-        if request.page_size < 0:
-            raise RequestError("INVALID_ARGUMENT", f"page_size: must be >= 0, got {request.page_size}")
-        size = min(request.page_size or DEFAULT_PAGE_SIZE, self.settings.max_page_size)
-        since = mapping.when(request.start_time, "start_time") if request.HasField("start_time") else None
-        until = mapping.when(request.end_time, "end_time") if request.HasField("end_time") else None
-        if since and until and until <= since:
-            raise RequestError("INVALID_ARGUMENT", "end_time: must be after start_time")
-        client = alerts_client(request.client_id)  # an `audit` token sees its own client's alerts only
-
-        def query():
-            self.writer.flush(5.0)  # read your own writes
-            return get_alerts(self.writer.engine, since=since, until=until, detector_id=request.detector_id or None,
-                              request_id=request.request_id or None, client_id=client or None,
-                              page_size=size, page_token=request.page_token or None)
-
-        try:
-            rows, token = await asyncio.to_thread(query)
-        except ValueError as e:  # the query's own short messages (page_token, time range)
-            raise RequestError("INVALID_ARGUMENT", str(e)) from None
-        except StorageUnavailable:
-            raise RequestError("UNAVAILABLE", "the alert database is unavailable; retry later") from None
+        rows, token = await self._page(request, get_alerts, "alert")
         return pb.GetAlertsResponse(alerts=[mapping.alert(r) for r in rows], next_page_token=token or "")
+
+    async def GetInterventions(self, request: pb.GetInterventionsRequest, context) -> pb.GetInterventionsResponse:
+        if request.kind and request.kind not in _INTERVENTION_KIND:
+            raise RequestError("INVALID_ARGUMENT", f"kind: unknown enum value {request.kind}")
+        rows, token = await self._page(request, get_interventions, "decision trail", rule_id=request.rule_id or None,
+                                       kind=_INTERVENTION_KIND.get(request.kind))
+        return pb.GetInterventionsResponse(
+            interventions=[mapping.intervention(r, pb.RequestMetadata(client_id=r.client_id or "")) for r in rows],
+            next_page_token=token or "")
 
     async def GetServerInfo(self, request, context) -> pb.GetServerInfoResponse:
         snap, r = self.snapshot, self.runner
@@ -233,9 +286,9 @@ class MonitorService(pb_grpc.MonitorServicer):
     # helpers ------------------------------------------------------------------------
     def cut_streams(self) -> None:
         """Shutdown: cancel every generation still running; each ends UNAVAILABLE with its records written."""
-        for job, stream in list(self.streams.items()):
+        for stream in list(self.streams):
             stream.cut_by_shutdown = True
-            job.cancel()
+            stream.job.cancel()
 
     def _refuse_if_draining(self) -> None:
         if self.draining:
@@ -244,6 +297,34 @@ class MonitorService(pb_grpc.MonitorServicer):
     def _refuse_if_journal_full(self) -> None:
         if self.writer is not None and not self.writer.accepting:  # fail_closed: no alert that is not kept
             raise RequestError("UNAVAILABLE", self.writer.refusal)
+
+    async def _page(self, request, query: Callable[..., tuple[list, str | None]], what: str, **filters):
+        """One page of GetAlerts or GetInterventions: check the page size and time range, narrow the
+        client id (an `audit` token sees its own client's records only), then run `query` after a
+        flush (read your own writes), off the event loop."""
+        if self.writer is None:
+            raise RequestError("FAILED_PRECONDITION", "no database is configured")
+        if request.page_size < 0:
+            raise RequestError("INVALID_ARGUMENT", f"page_size: must be >= 0, got {request.page_size}")
+        size = min(request.page_size or DEFAULT_PAGE_SIZE, self.settings.max_page_size)
+        since = mapping.when(request.start_time, "start_time") if request.HasField("start_time") else None
+        until = mapping.when(request.end_time, "end_time") if request.HasField("end_time") else None
+        if since and until and until <= since:
+            raise RequestError("INVALID_ARGUMENT", "end_time: must be after start_time")
+        client = alerts_client(request.client_id)
+
+        def run():
+            self.writer.flush(5.0)
+            return query(self.writer.engine, since=since, until=until, detector_id=request.detector_id or None,
+                         request_id=request.request_id or None, client_id=client or None, page_size=size,
+                         page_token=request.page_token or None, **filters)
+
+        try:
+            return await asyncio.to_thread(run)
+        except ValueError as e:  # the query's own short messages (page_token, time range)
+            raise RequestError("INVALID_ARGUMENT", str(e)) from None
+        except StorageUnavailable:
+            raise RequestError("UNAVAILABLE", f"the {what} database is unavailable; retry later") from None
 
     async def _score_input(self, i: int, inp: pb.ScoreInput, snap: Snapshot) -> Encoded:
         if bool(inp.text) == bool(inp.messages):
@@ -295,6 +376,7 @@ class Server:
         self.metrics_port: int | None = None
         self._http = None
         self._stopped = asyncio.Event()
+        self._tasks: set[asyncio.Future] = set()  # the policy watcher, SIGHUP reloads
 
     async def start(self) -> Server:
         self.service.scheduler.start()
@@ -307,7 +389,18 @@ class Server:
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         loop = asyncio.get_running_loop()
         self.writer.on_accepting = lambda _: loop.call_soon_threadsafe(asyncio.ensure_future, self._follow_journal())
+        if self.settings.policy is not None:
+            self._tasks.add(asyncio.ensure_future(self.service.watch_policy()))
         return self
+
+    def on_sighup(self) -> None:
+        """Certificates (with TLS) and the packs and policy are re-read; a bad policy keeps the running one."""
+        if self.settings.tls_cert is not None:
+            tls.reload_certificates()
+        task = asyncio.ensure_future(self.service.reload("SIGHUP"))
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())  # failures are logged and counted
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def _follow_journal(self) -> None:
         """Health follows the alert journal: NOT_SERVING while it is full (fail_closed), SERVING
@@ -326,6 +419,8 @@ class Server:
         if self._stopped.is_set():
             return
         self._stopped.set()
+        for task in self._tasks:
+            task.cancel()
         drain = self.settings.drain_seconds if drain is None else drain
         service, t0 = self.service, time.monotonic()
         service.draining = True
@@ -344,6 +439,7 @@ class Server:
         await asyncio.sleep(0)  # let the model thread's last deliveries run on this loop
         service.tokenizer_pool.shutdown(wait=False)
         await asyncio.to_thread(self.writer.close, 30.0)
+        await asyncio.gather(*(ep.close() for ep in service.endpoints.values()))
         if self._http is not None:
             self._http.shutdown()
 
@@ -376,13 +472,20 @@ async def serve(settings: Settings, *, on_ready: Callable[[Server], None] | None
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    if settings.tls_cert is not None:
-        loop.add_signal_handler(signal.SIGHUP, tls.reload_certificates)
+    loop.add_signal_handler(signal.SIGHUP, lambda: server.on_sighup())
     if on_ready is not None:
         on_ready(server)
     await stop.wait()
     log.info("shutting down: up to %.1f s for requests in flight", settings.drain_seconds)
     await server.stop(linger=min(1.0, settings.drain_seconds))
+
+
+def _signature(path) -> tuple | None:
+    try:
+        st = os.stat(path) if path is not None else None
+    except OSError:
+        return ()
+    return (st.st_ino, st.st_size, st.st_mtime_ns) if st is not None else None
 
 
 __all__ = ["MonitorService", "Server", "serve"]

@@ -39,37 +39,8 @@ PINS=(
   "simple-parsing==0.1.9"
 )
 
-# Refuse a venv inside the repository (above all the project's own .venv).
-VENV_ABS="$(realpath -m "$VENV")"
-case "$VENV_ABS/" in
-  "$ROOT"/*) echo "make-interop-fixtures: LW_INTEROP_VENV ($VENV_ABS) must be outside $ROOT" >&2; exit 2 ;;
-esac
-
-VPY="$VENV_ABS/bin/python"
-if [[ ! -x "$VPY" ]]; then
-  echo "make-interop-fixtures: creating $VENV_ABS"
-  mkdir -p "$(dirname "$VENV_ABS")"
-  "$PYTHON" -m venv "$VENV_ABS"
-fi
-
-# Install only when a pinned distribution is missing or at another version.
-if ! "$VPY" - "${PINS[@]}" <<'EOF'
-import importlib.metadata as md, sys
-for pin in sys.argv[1:]:
-    name, want = pin.split("==")
-    try:
-        have = md.version(name)
-    except md.PackageNotFoundError:
-        sys.exit(1)
-    if have.split("+")[0] != want:
-        sys.exit(1)
-EOF
-then
-  echo "make-interop-fixtures: installing ${PINS[*]}"
-  # torch first, on its own, so the resolver starts from the CPU build on local disk.
-  "$VPY" -m pip install --quiet "${PINS[0]}"
-  "$VPY" -m pip install --quiet "${PINS[@]}"
-fi
+source "$ROOT/scripts/throwaway-venv.sh"
+throwaway_venv make-interop-fixtures "$VENV" "${PINS[@]}"
 
 # Keep CPU use modest; these SAEs are tiny.
 export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false

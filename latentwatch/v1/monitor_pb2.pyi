@@ -16,6 +16,9 @@ class Action(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     ACTION_ALERT: _ClassVar[Action]
     ACTION_BLOCK: _ClassVar[Action]
     ACTION_STEER: _ClassVar[Action]
+    ACTION_LOG: _ClassVar[Action]
+    ACTION_ESCALATE: _ClassVar[Action]
+    ACTION_SHADOW: _ClassVar[Action]
 
 class SteeringKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -43,6 +46,10 @@ class InterventionKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     INTERVENTION_KIND_BLOCK: _ClassVar[InterventionKind]
     INTERVENTION_KIND_STEER: _ClassVar[InterventionKind]
     INTERVENTION_KIND_OVERRIDE: _ClassVar[InterventionKind]
+    INTERVENTION_KIND_LOG: _ClassVar[InterventionKind]
+    INTERVENTION_KIND_ALERT: _ClassVar[InterventionKind]
+    INTERVENTION_KIND_ESCALATE: _ClassVar[InterventionKind]
+    INTERVENTION_KIND_SHADOW: _ClassVar[InterventionKind]
 
 class FinishReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -61,6 +68,9 @@ ACTION_UNSPECIFIED: Action
 ACTION_ALERT: Action
 ACTION_BLOCK: Action
 ACTION_STEER: Action
+ACTION_LOG: Action
+ACTION_ESCALATE: Action
+ACTION_SHADOW: Action
 STEERING_KIND_UNSPECIFIED: SteeringKind
 STEERING_KIND_ADD: SteeringKind
 STEERING_KIND_ABLATE: SteeringKind
@@ -76,6 +86,10 @@ INTERVENTION_KIND_UNSPECIFIED: InterventionKind
 INTERVENTION_KIND_BLOCK: InterventionKind
 INTERVENTION_KIND_STEER: InterventionKind
 INTERVENTION_KIND_OVERRIDE: InterventionKind
+INTERVENTION_KIND_LOG: InterventionKind
+INTERVENTION_KIND_ALERT: InterventionKind
+INTERVENTION_KIND_ESCALATE: InterventionKind
+INTERVENTION_KIND_SHADOW: InterventionKind
 FINISH_REASON_UNSPECIFIED: FinishReason
 FINISH_REASON_STOP: FinishReason
 FINISH_REASON_LENGTH: FinishReason
@@ -198,7 +212,7 @@ class TokenEvent(_message.Message):
     def __init__(self, index: _Optional[int] = ..., token_id: _Optional[int] = ..., text: _Optional[str] = ..., scores: _Optional[_Mapping[str, float]] = ...) -> None: ...
 
 class Alert(_message.Message):
-    __slots__ = ("alert_id", "create_time", "request_id", "request_kind", "detector_id", "detector_version", "score", "threshold", "action", "token_index", "input_index", "metadata", "snapshot_version", "explanation")
+    __slots__ = ("alert_id", "create_time", "request_id", "request_kind", "detector_id", "detector_version", "score", "threshold", "action", "token_index", "input_index", "metadata", "snapshot_version", "explanation", "rule_id", "policy_version")
     ALERT_ID_FIELD_NUMBER: _ClassVar[int]
     CREATE_TIME_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
@@ -213,6 +227,8 @@ class Alert(_message.Message):
     METADATA_FIELD_NUMBER: _ClassVar[int]
     SNAPSHOT_VERSION_FIELD_NUMBER: _ClassVar[int]
     EXPLANATION_FIELD_NUMBER: _ClassVar[int]
+    RULE_ID_FIELD_NUMBER: _ClassVar[int]
+    POLICY_VERSION_FIELD_NUMBER: _ClassVar[int]
     alert_id: str
     create_time: _timestamp_pb2.Timestamp
     request_id: str
@@ -227,7 +243,9 @@ class Alert(_message.Message):
     metadata: RequestMetadata
     snapshot_version: str
     explanation: Explanation
-    def __init__(self, alert_id: _Optional[str] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., request_id: _Optional[str] = ..., request_kind: _Optional[_Union[RequestKind, str]] = ..., detector_id: _Optional[str] = ..., detector_version: _Optional[str] = ..., score: _Optional[float] = ..., threshold: _Optional[float] = ..., action: _Optional[_Union[Action, str]] = ..., token_index: _Optional[int] = ..., input_index: _Optional[int] = ..., metadata: _Optional[_Union[RequestMetadata, _Mapping]] = ..., snapshot_version: _Optional[str] = ..., explanation: _Optional[_Union[Explanation, _Mapping]] = ...) -> None: ...
+    rule_id: str
+    policy_version: str
+    def __init__(self, alert_id: _Optional[str] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., request_id: _Optional[str] = ..., request_kind: _Optional[_Union[RequestKind, str]] = ..., detector_id: _Optional[str] = ..., detector_version: _Optional[str] = ..., score: _Optional[float] = ..., threshold: _Optional[float] = ..., action: _Optional[_Union[Action, str]] = ..., token_index: _Optional[int] = ..., input_index: _Optional[int] = ..., metadata: _Optional[_Union[RequestMetadata, _Mapping]] = ..., snapshot_version: _Optional[str] = ..., explanation: _Optional[_Union[Explanation, _Mapping]] = ..., rule_id: _Optional[str] = ..., policy_version: _Optional[str] = ...) -> None: ...
 
 class Explanation(_message.Message):
     __slots__ = ("tokens", "latents")
@@ -257,8 +275,22 @@ class LatentActivation(_message.Message):
     activation: float
     def __init__(self, sae_id: _Optional[str] = ..., latent: _Optional[int] = ..., activation: _Optional[float] = ...) -> None: ...
 
+class EscalationVerdict(_message.Message):
+    __slots__ = ("endpoint", "flagged", "categories", "latency_seconds", "error")
+    ENDPOINT_FIELD_NUMBER: _ClassVar[int]
+    FLAGGED_FIELD_NUMBER: _ClassVar[int]
+    CATEGORIES_FIELD_NUMBER: _ClassVar[int]
+    LATENCY_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    endpoint: str
+    flagged: bool
+    categories: _containers.RepeatedScalarFieldContainer[str]
+    latency_seconds: float
+    error: str
+    def __init__(self, endpoint: _Optional[str] = ..., flagged: _Optional[bool] = ..., categories: _Optional[_Iterable[str]] = ..., latency_seconds: _Optional[float] = ..., error: _Optional[str] = ...) -> None: ...
+
 class Intervention(_message.Message):
-    __slots__ = ("create_time", "request_id", "kind", "detector_id", "token_index", "steering", "metadata", "intervention_id", "override", "snapshot_version")
+    __slots__ = ("create_time", "request_id", "kind", "detector_id", "token_index", "steering", "metadata", "intervention_id", "override", "snapshot_version", "rule_id", "policy_version", "detector_version", "score", "outcome", "escalation", "shadow_action")
     CREATE_TIME_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
@@ -269,6 +301,13 @@ class Intervention(_message.Message):
     INTERVENTION_ID_FIELD_NUMBER: _ClassVar[int]
     OVERRIDE_FIELD_NUMBER: _ClassVar[int]
     SNAPSHOT_VERSION_FIELD_NUMBER: _ClassVar[int]
+    RULE_ID_FIELD_NUMBER: _ClassVar[int]
+    POLICY_VERSION_FIELD_NUMBER: _ClassVar[int]
+    DETECTOR_VERSION_FIELD_NUMBER: _ClassVar[int]
+    SCORE_FIELD_NUMBER: _ClassVar[int]
+    OUTCOME_FIELD_NUMBER: _ClassVar[int]
+    ESCALATION_FIELD_NUMBER: _ClassVar[int]
+    SHADOW_ACTION_FIELD_NUMBER: _ClassVar[int]
     create_time: _timestamp_pb2.Timestamp
     request_id: str
     kind: InterventionKind
@@ -279,7 +318,14 @@ class Intervention(_message.Message):
     intervention_id: str
     override: DetectorPolicy
     snapshot_version: str
-    def __init__(self, create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., request_id: _Optional[str] = ..., kind: _Optional[_Union[InterventionKind, str]] = ..., detector_id: _Optional[str] = ..., token_index: _Optional[int] = ..., steering: _Optional[_Union[SteeringRequest, _Mapping]] = ..., metadata: _Optional[_Union[RequestMetadata, _Mapping]] = ..., intervention_id: _Optional[str] = ..., override: _Optional[_Union[DetectorPolicy, _Mapping]] = ..., snapshot_version: _Optional[str] = ...) -> None: ...
+    rule_id: str
+    policy_version: str
+    detector_version: str
+    score: float
+    outcome: str
+    escalation: EscalationVerdict
+    shadow_action: Action
+    def __init__(self, create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., request_id: _Optional[str] = ..., kind: _Optional[_Union[InterventionKind, str]] = ..., detector_id: _Optional[str] = ..., token_index: _Optional[int] = ..., steering: _Optional[_Union[SteeringRequest, _Mapping]] = ..., metadata: _Optional[_Union[RequestMetadata, _Mapping]] = ..., intervention_id: _Optional[str] = ..., override: _Optional[_Union[DetectorPolicy, _Mapping]] = ..., snapshot_version: _Optional[str] = ..., rule_id: _Optional[str] = ..., policy_version: _Optional[str] = ..., detector_version: _Optional[str] = ..., score: _Optional[float] = ..., outcome: _Optional[str] = ..., escalation: _Optional[_Union[EscalationVerdict, _Mapping]] = ..., shadow_action: _Optional[_Union[Action, str]] = ...) -> None: ...
 
 class DetectorResult(_message.Message):
     __slots__ = ("detector_id", "score", "flagged", "token_scores")
@@ -302,7 +348,7 @@ class Usage(_message.Message):
     def __init__(self, prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ...) -> None: ...
 
 class GenerateSummary(_message.Message):
-    __slots__ = ("request_id", "finish_reason", "text", "scores", "alerts", "usage", "snapshot_version")
+    __slots__ = ("request_id", "finish_reason", "text", "scores", "alerts", "usage", "snapshot_version", "refusal", "policy_version")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
@@ -310,6 +356,8 @@ class GenerateSummary(_message.Message):
     ALERTS_FIELD_NUMBER: _ClassVar[int]
     USAGE_FIELD_NUMBER: _ClassVar[int]
     SNAPSHOT_VERSION_FIELD_NUMBER: _ClassVar[int]
+    REFUSAL_FIELD_NUMBER: _ClassVar[int]
+    POLICY_VERSION_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     finish_reason: FinishReason
     text: str
@@ -317,7 +365,9 @@ class GenerateSummary(_message.Message):
     alerts: _containers.RepeatedCompositeFieldContainer[Alert]
     usage: Usage
     snapshot_version: str
-    def __init__(self, request_id: _Optional[str] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., text: _Optional[str] = ..., scores: _Optional[_Iterable[_Union[DetectorResult, _Mapping]]] = ..., alerts: _Optional[_Iterable[_Union[Alert, _Mapping]]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., snapshot_version: _Optional[str] = ...) -> None: ...
+    refusal: str
+    policy_version: str
+    def __init__(self, request_id: _Optional[str] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., text: _Optional[str] = ..., scores: _Optional[_Iterable[_Union[DetectorResult, _Mapping]]] = ..., alerts: _Optional[_Iterable[_Union[Alert, _Mapping]]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., snapshot_version: _Optional[str] = ..., refusal: _Optional[str] = ..., policy_version: _Optional[str] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
     __slots__ = ("token", "alert", "intervention", "summary")
@@ -448,6 +498,36 @@ class GetAlertsResponse(_message.Message):
     next_page_token: str
     def __init__(self, alerts: _Optional[_Iterable[_Union[Alert, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
 
+class GetInterventionsRequest(_message.Message):
+    __slots__ = ("start_time", "end_time", "detector_id", "request_id", "client_id", "rule_id", "kind", "page_size", "page_token")
+    START_TIME_FIELD_NUMBER: _ClassVar[int]
+    END_TIME_FIELD_NUMBER: _ClassVar[int]
+    DETECTOR_ID_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
+    RULE_ID_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    start_time: _timestamp_pb2.Timestamp
+    end_time: _timestamp_pb2.Timestamp
+    detector_id: str
+    request_id: str
+    client_id: str
+    rule_id: str
+    kind: InterventionKind
+    page_size: int
+    page_token: str
+    def __init__(self, start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., end_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., detector_id: _Optional[str] = ..., request_id: _Optional[str] = ..., client_id: _Optional[str] = ..., rule_id: _Optional[str] = ..., kind: _Optional[_Union[InterventionKind, str]] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
+
+class GetInterventionsResponse(_message.Message):
+    __slots__ = ("interventions", "next_page_token")
+    INTERVENTIONS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    interventions: _containers.RepeatedCompositeFieldContainer[Intervention]
+    next_page_token: str
+    def __init__(self, interventions: _Optional[_Iterable[_Union[Intervention, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
+
 class ReloadDetectorsRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
@@ -465,7 +545,7 @@ class GetServerInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetServerInfoResponse(_message.Message):
-    __slots__ = ("model_id", "model_fingerprint", "device", "dtype", "snapshot_version", "detectors", "server_version")
+    __slots__ = ("model_id", "model_fingerprint", "device", "dtype", "snapshot_version", "detectors", "server_version", "policy_version")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
@@ -473,6 +553,7 @@ class GetServerInfoResponse(_message.Message):
     SNAPSHOT_VERSION_FIELD_NUMBER: _ClassVar[int]
     DETECTORS_FIELD_NUMBER: _ClassVar[int]
     SERVER_VERSION_FIELD_NUMBER: _ClassVar[int]
+    POLICY_VERSION_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     model_fingerprint: str
     device: str
@@ -480,4 +561,5 @@ class GetServerInfoResponse(_message.Message):
     snapshot_version: str
     detectors: _containers.RepeatedCompositeFieldContainer[Detector]
     server_version: str
-    def __init__(self, model_id: _Optional[str] = ..., model_fingerprint: _Optional[str] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., snapshot_version: _Optional[str] = ..., detectors: _Optional[_Iterable[_Union[Detector, _Mapping]]] = ..., server_version: _Optional[str] = ...) -> None: ...
+    policy_version: str
+    def __init__(self, model_id: _Optional[str] = ..., model_fingerprint: _Optional[str] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., snapshot_version: _Optional[str] = ..., detectors: _Optional[_Iterable[_Union[Detector, _Mapping]]] = ..., server_version: _Optional[str] = ..., policy_version: _Optional[str] = ...) -> None: ...

@@ -65,6 +65,11 @@ class MonitorStub:
                 request_serializer=latentwatch_dot_v1_dot_monitor__pb2.GetServerInfoRequest.SerializeToString,
                 response_deserializer=latentwatch_dot_v1_dot_monitor__pb2.GetServerInfoResponse.FromString,
                 _registered_method=True)
+        self.GetInterventions = channel.unary_unary(
+                '/latentwatch.v1.Monitor/GetInterventions',
+                request_serializer=latentwatch_dot_v1_dot_monitor__pb2.GetInterventionsRequest.SerializeToString,
+                response_deserializer=latentwatch_dot_v1_dot_monitor__pb2.GetInterventionsResponse.FromString,
+                _registered_method=True)
 
 
 class MonitorServicer:
@@ -118,6 +123,15 @@ class MonitorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetInterventions(self, request, context):
+        """GetInterventions pages through the decision trail (every rule that fired,
+        every block, steering, escalation, shadow decision and override), oldest
+        first, with the same keyset paging as GetAlerts. Needs the audit role.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_MonitorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -150,6 +164,11 @@ def add_MonitorServicer_to_server(servicer, server):
                     servicer.GetServerInfo,
                     request_deserializer=latentwatch_dot_v1_dot_monitor__pb2.GetServerInfoRequest.FromString,
                     response_serializer=latentwatch_dot_v1_dot_monitor__pb2.GetServerInfoResponse.SerializeToString,
+            ),
+            'GetInterventions': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetInterventions,
+                    request_deserializer=latentwatch_dot_v1_dot_monitor__pb2.GetInterventionsRequest.FromString,
+                    response_serializer=latentwatch_dot_v1_dot_monitor__pb2.GetInterventionsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -315,6 +334,33 @@ class Monitor:
             '/latentwatch.v1.Monitor/GetServerInfo',
             latentwatch_dot_v1_dot_monitor__pb2.GetServerInfoRequest.SerializeToString,
             latentwatch_dot_v1_dot_monitor__pb2.GetServerInfoResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetInterventions(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/latentwatch.v1.Monitor/GetInterventions',
+            latentwatch_dot_v1_dot_monitor__pb2.GetInterventionsRequest.SerializeToString,
+            latentwatch_dot_v1_dot_monitor__pb2.GetInterventionsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -85,6 +85,7 @@ class Request(Base):
     text_sha256: Mapped[str | None] = mapped_column(String(64))
     alerted: Mapped[bool] = mapped_column()
     snapshot_version: Mapped[str] = mapped_column(String, server_default="")
+    policy_version: Mapped[str] = mapped_column(String, server_default="")
 
     __table_args__ = (
         UniqueConstraint("request_id", name="uq_requests_request_id"),
@@ -121,6 +122,8 @@ class Alert(Base):
     tags: Mapped[dict[str, str]] = mapped_column(JSONType, server_default="{}")
     # {"tokens": [...], "latents": [...]} (monitor.storage.records.AlertRecord), or null when it has none
     explanation: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
+    rule_id: Mapped[str] = mapped_column(String, server_default="")  # the detector id without a policy file
+    policy_version: Mapped[str] = mapped_column(String, server_default="")
 
     __table_args__ = (
         UniqueConstraint("alert_id", name="uq_alerts_alert_id"),
@@ -133,7 +136,7 @@ class Alert(Base):
 
 
 class Intervention(Base):
-    """The decision trail: blocks, steering and per-request overrides."""
+    """The decision trail: every rule that fired (kind = its action), client steering and overrides."""
 
     __tablename__ = "interventions"
 
@@ -152,12 +155,20 @@ class Intervention(Base):
     client_id: Mapped[str | None] = mapped_column(String)
     token_start: Mapped[int] = mapped_column(Integer)
     token_end: Mapped[int | None] = mapped_column(Integer)
+    rule_id: Mapped[str] = mapped_column(String, server_default="")
+    policy_version: Mapped[str] = mapped_column(String, server_default="")
+    detector_version: Mapped[str] = mapped_column(String, server_default="")
+    score: Mapped[float | None] = mapped_column(Float)
+    outcome: Mapped[str] = mapped_column(String, server_default="")  # monitor.domain.DECISION_OUTCOMES
+    escalation: Mapped[dict[str, Any] | None] = mapped_column(JSONType)  # kind="escalate": the verdict
+    shadow_action: Mapped[str | None] = mapped_column(String)  # kind="shadow": what it would have done
 
     __table_args__ = (
         # get_interventions: keyset order (created_at, id), optionally narrowed by one filter.
         Index("ix_interventions_created_at_id", "created_at", "id"),
         Index("ix_interventions_client_id_created_at_id", "client_id", "created_at", "id"),
         Index("ix_interventions_request_id", "request_id"),
+        Index("ix_interventions_rule_id_created_at_id", "rule_id", "created_at", "id"),
     )
 
 

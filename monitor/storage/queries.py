@@ -57,6 +57,8 @@ class AlertRow:
     conversation_id: str | None
     tags: dict[str, str]
     explanation: dict[str, Any] | None  # as AlertRecord.explanation (texts None under text_policy "never")
+    rule_id: str
+    policy_version: str
 
 
 @dataclass(frozen=True)
@@ -76,6 +78,13 @@ class InterventionRow:
     client_id: str | None
     token_start: int
     token_end: int | None
+    rule_id: str
+    policy_version: str
+    detector_version: str
+    score: float | None
+    outcome: str
+    escalation: dict[str, Any] | None
+    shadow_action: str | None
 
 
 @dataclass(frozen=True)
@@ -96,6 +105,7 @@ class RequestRow:
     text_sha256: str | None
     alerted: bool
     snapshot_version: str
+    policy_version: str
     alerts: tuple[AlertRow, ...] = ()
     interventions: tuple[InterventionRow, ...] = ()
 
@@ -269,12 +279,16 @@ def get_interventions(
     *,
     request_id: str | None = None,
     client_id: str | None = None,
+    detector_id: str | None = None,
+    rule_id: str | None = None,
+    kind: str | None = None,
     since: datetime | None = None,
     until: datetime | None = None,
     page_size: int = 100,
     page_token: str | None = None,
 ) -> tuple[list[InterventionRow], str | None]:
-    """Interventions (the decision trail) oldest first; paging and errors as :func:`get_alerts`."""
+    """The decision trail oldest first, filtered by all given arguments (``kind``: one of
+    monitor.domain.INTERVENTION_KINDS); paging and errors as :func:`get_alerts`."""
     return _paged(
         engine,
         Intervention,
@@ -286,6 +300,9 @@ def get_interventions(
         page_token=page_token,
         request_id=request_id,
         client_id=client_id,
+        detector_id=detector_id,
+        rule_id=rule_id,
+        kind=kind,
     )
 
 

@@ -18,15 +18,16 @@ from typing import Any
 
 from monitor.domain import (
     ACTIONS,
+    DECISION_OUTCOMES,
     EXPLAIN_MAX_LATENTS,
     EXPLAIN_MAX_TEXT,
     EXPLAIN_MAX_TOKENS,
     INTERVENTION_KINDS,
     REQUEST_KINDS,
     STEERING_KINDS,
-    ActionName,
     InterventionKind,
     RequestKind,
+    RuleActionName,
     SteeringKind,
 )
 
@@ -126,6 +127,7 @@ class RequestRecord:
     completion_text: str | None = None
     alerted: bool = False
     snapshot_version: str = ""
+    policy_version: str = ""
 
     def __post_init__(self) -> None:
         if not self.request_id:
@@ -144,6 +146,7 @@ class AlertRecord:
     the same one. ``input_index`` says which input of a Score request fired. ``explanation``
     (monitor.explain) lists the tokens that scored highest and the SAE latents active where it
     fired; its token texts are kept as ``span_text`` is (not under text_policy "never").
+    ``rule_id`` is the policy rule that raised it (the detector id when no policy file is used).
     """
 
     request_id: str
@@ -151,7 +154,7 @@ class AlertRecord:
     detector_version: str
     score: float
     threshold: float
-    action: ActionName = "alert"
+    action: RuleActionName = "alert"
     created_at: datetime = field(default_factory=utcnow)
     token_index: int | None = None
     span_start: int | None = None
@@ -165,6 +168,8 @@ class AlertRecord:
     conversation_id: str | None = None
     tags: Mapping[str, str] = field(default_factory=dict)
     explanation: Mapping[str, Any] | None = None
+    rule_id: str = ""
+    policy_version: str = ""
 
     def __post_init__(self) -> None:
         if not self.alert_id:
@@ -181,14 +186,17 @@ class AlertRecord:
 
 @dataclass(frozen=True)
 class InterventionRecord:
-    """One entry of a request's decision trail: a block, a steering switched on, or a
+    """One entry of a request's decision trail: a policy rule that fired (its action is the
+    kind: log, alert, block, steer, escalate, shadow), steering a client asked for, or a
     per-request override of a rule (``details`` holds what was overridden, e.g.
     ``{"threshold": 0.9, "action": "alert"}``; for a latent clamp, ``sae_id`` and ``latent``).
 
     ``detector_id`` is the detector whose decision caused it (None when the client asked);
-    ``trigger`` defaults to that id, or ``"request"``. ``intervention_id`` identifies the
-    record: submit it again with the same id (``dataclasses.replace(rec, token_end=n)``) to
-    close it.
+    ``trigger`` defaults to that id, or ``"request"``. A rule's record also carries the rule,
+    the policy and detector versions, the score, what the monitor did (``outcome``, one of
+    monitor.domain.DECISION_OUTCOMES), an escalation's verdict (``escalation``) and a shadow
+    rule's would-be action (``shadow_action``). ``intervention_id`` identifies the record:
+    submit it again with the same id (``dataclasses.replace(rec, token_end=n)``) to close it.
     """
 
     request_id: str
@@ -206,11 +214,28 @@ class InterventionRecord:
     token_end: int | None = None
     created_at: datetime = field(default_factory=utcnow)
     intervention_id: str = field(default_factory=_new_id)
+    rule_id: str = ""
+    policy_version: str = ""
+    detector_version: str = ""
+    score: float | None = None
+    outcome: str = ""
+    escalation: Mapping[str, Any] | None = None  # monitor.escalation.Verdict.to_record()
+    shadow_action: str | None = None
 
     def __post_init__(self) -> None:
         if not self.intervention_id:
             raise ValueError("intervention_id must be a non-empty string")
         _check_choice("kind", self.kind, INTERVENTION_KINDS)
+        if self.outcome:
+            _check_choice("outcome", self.outcome, DECISION_OUTCOMES)
+        if (self.kind == "shadow") != (self.shadow_action is not None):
+            raise ValueError("shadow_action is set exactly for kind='shadow'")
+        if self.shadow_action is not None:
+            _check_choice("shadow_action", self.shadow_action, tuple(ACTIONS))
+        if self.escalation is not None:
+            if self.kind != "escalate":
+                raise ValueError(f"escalation only applies to kind='escalate', not {self.kind!r}")
+            _check_json("escalation", self.escalation)
         if not self.trigger:
             object.__setattr__(self, "trigger", self.detector_id or "request")
         if self.kind == "steer":

@@ -521,6 +521,7 @@ class StorageWriter:
             "text_sha256": text_sha256(rec.prompt_text, rec.completion_text),
             "alerted": rec.alerted,
             "snapshot_version": rec.snapshot_version,
+            "policy_version": rec.policy_version,
         }
 
     def _alert_row(self, rec: AlertRecord) -> dict[str, Any]:
@@ -545,6 +546,8 @@ class StorageWriter:
             "conversation_id": rec.conversation_id,
             "tags": dict(rec.tags),
             "explanation": self._explanation(rec.explanation),
+            "rule_id": rec.rule_id,
+            "policy_version": rec.policy_version,
         }
 
     def _explanation(self, explanation: Mapping[str, Any] | None) -> dict[str, Any] | None:
@@ -582,6 +585,13 @@ def _intervention_row(rec: InterventionRecord) -> dict[str, Any]:
         "client_id": rec.client_id,
         "token_start": rec.token_start,
         "token_end": rec.token_end,
+        "rule_id": rec.rule_id,
+        "policy_version": rec.policy_version,
+        "detector_version": rec.detector_version,
+        "score": rec.score,
+        "outcome": rec.outcome,
+        "escalation": dict(rec.escalation) if rec.escalation is not None else None,
+        "shadow_action": rec.shadow_action,
     }
 
 

@@ -17,3 +17,14 @@ def fake_serve(monkeypatch):
 
     monkeypatch.setattr(monitor.server, "serve", serve)
     return got
+
+
+@pytest.fixture()
+def no_model(monkeypatch):
+    """Any attempt to load a model fails the test: user errors are caught before it loads."""
+    from monitor.runner import ModelRunner
+
+    def load(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(ModelRunner, "load", load)

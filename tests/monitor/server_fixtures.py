@@ -28,6 +28,41 @@ def make_pack(runner, folder, *, id="toy", threshold=0.5, hook_point="blocks.1.r
     return folder
 
 
+def steady_pack(runner, folder, *, id="steady", p=0.6, threshold=0.5, hook_point="blocks.1.resid_post"):
+    """A probe that scores (almost exactly) `p` on every token: a direction of norm 1e-6 and the
+    bias that gives p, so rules on it fire (or not) by their condition alone, never by chance."""
+    d = runner.d_model
+    direction = np.zeros(d, np.float32)
+    direction[0] = 1e-6
+    probe = LogisticProbe.from_tensors(
+        LogisticProbe.config_cls(),
+        {
+            "mean": np.zeros(d, np.float32),
+            "std": np.ones(d, np.float32),
+            "coef": direction,
+            "intercept": np.array([np.log(p / (1 - p))], np.float32),
+        },
+    )
+    manifest = Manifest(
+        schema_version=1,
+        id=id,
+        version="0.0.1",
+        kind="logistic",
+        kind_config={},
+        hook_point=hook_point,
+        d_model=d,
+        aggregation=Aggregation(kind="mean"),
+        input_format="chat",
+        threshold=threshold,
+        metrics={"test": {"auroc": 0.5}},
+        model=fingerprint(runner.model, runner.tokenizer),
+        provenance={"p": p},
+        description=f"scores {p} everywhere",
+    )
+    ProbePack(manifest, probe).save(folder)
+    return folder
+
+
 def runner():
     return tiny_runner("llama")
 

@@ -281,7 +281,7 @@ def test_buf_curl_with_an_authorization_header(setup):
 
 
 def test_the_cli_sends_a_token_from_a_file_or_the_environment_never_an_argument(setup, tmp_path):
-    from tests.monitor.test_cli import error_line, run
+    from tests.monitor.cli_helpers import error_line, run
 
     target = setup[0].target
     assert "UNAUTHENTICATED: missing or invalid bearer token" in error_line(run("info", "--target", target))

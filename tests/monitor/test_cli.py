@@ -11,11 +11,10 @@ import math
 import socket
 
 import pytest
-from typer.testing import CliRunner
 
-from monitor import cli
 from monitor.runner import ModelRunner
 from probes.pack import default_pack_dirs
+from tests.monitor.cli_helpers import error_line, run, write_jsonl
 from tests.monitor.server_fixtures import make_pack
 from tests.tiny import tiny_model, tiny_tokenizer
 
@@ -28,34 +27,6 @@ def tiny(tmp_path_factory):
     tiny_tokenizer().save_pretrained(root / "model")
     make_pack(ModelRunner.load(str(root / "model"), device="cpu"), root / "pack", id="toy")
     return {"model": root / "model", "pack": root / "pack"}
-
-
-@pytest.fixture()
-def no_model(monkeypatch):
-    """Any attempt to load a model fails the test."""
-
-    def load(*args, **kwargs):
-        raise AssertionError("the model was loaded")
-
-    monkeypatch.setattr(ModelRunner, "load", load)
-
-
-def run(*args, env=None):
-    return CliRunner().invoke(cli.app, [str(a) for a in args], env=env)
-
-
-def error_line(result, code=2) -> str:
-    """The one `error:` line a failed command prints; never a traceback."""
-    assert result.exit_code == code, result.output
-    assert isinstance(result.exception, SystemExit), result.exception
-    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and "Traceback" not in result.output, result.output
-    return errors[0]
-
-
-def write_jsonl(path, rows):
-    path.write_text("".join(json.dumps(r) + "\n" if r is not None else "\n" for r in rows))
-    return path
 
 
 @pytest.fixture()

@@ -12,8 +12,8 @@ from safetensors.torch import save_file
 from typer.testing import CliRunner
 
 from monitor.cli_features import app
+from tests.monitor.cli_helpers import error_line, write_jsonl
 from tests.monitor.sae import random_sae
-from tests.monitor.test_cli import error_line, no_model, write_jsonl  # noqa: F401 (no_model is a fixture)
 from tests.probes.test_features import MARKER, texts
 from tests.probes.test_report import CHROMIUM_FLAGS, chromium
 from tests.tiny import tiny_model, tiny_tokenizer

@@ -47,6 +47,9 @@ def exercise(m: Metrics) -> None:
     m.record_storage_replayed(3)
     m.record_storage_drop()
     m.record_storage_reject()
+    m.record_escalation("moderation", True, 0.08)
+    m.record_escalation("moderation", None, 1.5)
+    m.record_policy_reload(False)
 
 
 def test_every_metric_records(metrics: Metrics) -> None:
@@ -87,6 +90,11 @@ def test_every_metric_records(metrics: Metrics) -> None:
     assert v("latentwatch_storage_replayed_records_total") == 3
     assert v("latentwatch_storage_dropped_records_total") == 1
     assert v("latentwatch_storage_rejected_records_total") == 1
+    assert v("latentwatch_escalations_total", {"endpoint": "moderation", "verdict": "flagged"}) == 1
+    assert v("latentwatch_escalations_total", {"endpoint": "moderation", "verdict": "failed"}) == 1
+    assert v("latentwatch_escalation_latency_seconds_count", {"endpoint": "moderation"}) == 2
+    assert v("latentwatch_policy_reloads_total", {"result": "failed"}) == 1
+    assert v("latentwatch_policy_reloads_total", {"result": "ok"}) == 0  # present from the start
 
 
 def test_score_buckets_are_0_to_1_in_0_05_steps() -> None:

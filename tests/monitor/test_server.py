@@ -108,8 +108,9 @@ def _stored_interventions(setup, request_id):
     return rows
 
 
-def test_steer_policy_ablates_the_detectors_direction_from_the_next_token(setup, client):
-    """After the alert the detector reads h - (h.u)u, so its logit is exactly its bias."""
+def test_steer_policy_ablates_the_detectors_direction_from_the_first_token(setup, client):
+    """Decided on the prompt, the ablation runs from the start (the request runs again with it), so
+    the detector reads h - (h.u)u on every token: its logit is exactly its bias."""
     _, r, _ = setup
     events = _generate(client, prompt="x y z", max_new_tokens=4, metadata=TRUSTED, include_token_scores=True,
                        policy_overrides=[pb.DetectorPolicy(detector_id="always", action=pb.ACTION_STEER)])
@@ -117,13 +118,15 @@ def test_steer_policy_ablates_the_detectors_direction_from_the_next_token(setup,
     assert kinds[:3] == ["intervention", "alert", "intervention"] and kinds.count("token") == 4
     steer = events[2].intervention
     assert steer.kind == pb.INTERVENTION_KIND_STEER and steer.steering.kind == pb.STEERING_KIND_ABLATE
-    assert steer.token_index == 1  # from the token after the alert
+    assert steer.token_index == 0 and steer.steering.positions == pb.STEERING_POSITIONS_ALL
     snap = setup[0].server.service.snapshot
     bias = float(snap.bank.detectors[snap.by_id["always"].slot].head.b1[0])
     scores = [e.token.scores["always"] for e in events if e.WhichOneof("event") == "token"]
     expected = 1 / (1 + np.exp(-bias))
-    assert scores[1:] == pytest.approx([expected] * 3, abs=1e-6)
-    assert abs(scores[0] - expected) > 1e-5  # the first token, before the steering, read the direction
+    assert scores == pytest.approx([expected] * 4, abs=1e-6)
+    plain = _generate(client, prompt="x y z", max_new_tokens=4, include_token_scores=True)
+    plain_scores = [e.token.scores["always"] for e in plain if e.WhichOneof("event") == "token"]
+    assert abs(plain_scores[0] - expected) > 1e-5  # unsteered, the first token reads the direction
 
 
 def test_overrides_and_steering_are_refused_unless_the_config_allows_them(client):

@@ -118,12 +118,13 @@ def test_the_hook_point_may_be_given_if_it_is_the_saes(client):
     assert events[0].intervention.steering.kind == pb.STEERING_KIND_CLAMP
 
 
-def test_a_clamp_triggered_by_a_detector_starts_after_its_alert(setup, client):
+def test_a_clamp_triggered_by_a_detector_starts_with_its_alert(setup, client):
+    """The alert fires on the prompt, so the clamp runs from the first token (the request runs again)."""
     events = generate(client, [clamp(trigger_detector_id="always", coefficient=-4.0)])
     kinds = [e.WhichOneof("event") for e in events]
-    assert kinds[:2] == ["alert", "intervention"]
-    steer = events[1].intervention
-    assert steer.detector_id == "always" and steer.token_index == 1
+    assert kinds[:3] == ["alert", "intervention", "intervention"]  # the alert, its decision, the clamp
+    steer = events[2].intervention
+    assert steer.kind == pb.INTERVENTION_KIND_STEER and steer.detector_id == "always" and steer.token_index == 0
     assert steer.steering.kind == pb.STEERING_KIND_CLAMP and steer.steering.coefficient == -4.0
     [row] = [r for r in stored(setup, events[-1].summary.request_id) if r.kind == "steer"]
     assert row.detector_id == "always" and row.details["latent"] == LATENT
@@ -132,7 +133,7 @@ def test_a_clamp_triggered_by_a_detector_starts_after_its_alert(setup, client):
 def test_the_python_client_takes_a_clamp_dict(client):
     events = list(client.generate("tell me", max_new_tokens=2, client_id="trusted", steering=[
         {"kind": "clamp", "sae_id": SAE_ID, "latent": LATENT, "value": 6.5, "positions": "prompt"}]))
-    [steer] = [e for e in events if isinstance(e, Intervention)]
+    [steer] = [e for e in events if isinstance(e, Intervention) and e.kind == "steer"]
     assert steer.steering == SteeringInfo("clamp", "blocks.1.resid_post", 6.5, "", "prompt", "", SAE_ID, LATENT)
     assert isinstance(events[-1], Summary)
     with pytest.raises(ValueError, match="value or coefficient"):

@@ -23,9 +23,9 @@ from cryptography import x509
 from monitor.client import AsyncClient, Client
 from monitor.config import Settings
 from monitor.tls import TlsError, channel_credentials, server_credentials
+from tests.monitor.cli_helpers import error_line, run
 from tests.monitor.pki import write_pki
 from tests.monitor.server_fixtures import RunningServer, make_pack, runner
-from tests.monitor.test_cli import error_line, run
 
 BUF = Path(__file__).resolve().parents[2] / "node_modules" / ".bin" / "buf"
 LIST = "latentwatch.v1.Monitor/ListDetectors"

@@ -321,6 +321,80 @@ def test_interventions_tokens_are_checked_like_alerts(trail, populated):
     assert rows == []
 
 
+POLICY_KINDS = ("log", "alert", "escalate", "shadow", "block", "steer")
+
+
+@pytest.fixture
+def policy_trail(engine):
+    """N records of the kinds policy rules write, with their rule ids, in shuffled submit order."""
+    w = StorageWriter(engine, batch_size=10, flush_interval_s=0.01).start()
+    for i in sorted(range(N), key=lambda i: (i * 7919) % N):
+        kind = POLICY_KINDS[i % len(POLICY_KINDS)]
+        extra = {
+            "escalate": {"escalation": {"endpoint": "mod", "flagged": True, "latency_s": 0.1}},
+            "shadow": {"shadow_action": "block"},
+            "steer": {"steering_kind": "add", "hook_point": "blocks.1.resid_post", "vector_id": "v", "coefficient": 2},
+        }.get(kind, {})
+        rec = InterventionRecord(
+            f"r{i % 5}",
+            kind,
+            i,
+            detector_id=f"d{i % 4}",
+            rule_id=f"rule-{i % 3}",
+            policy_version="p1",
+            score=i / N,
+            outcome="logged",
+            created_at=_ts(i),
+            **extra,
+        )
+        w.submit(rec)
+    assert w.close(timeout=30) and w.write_failures == 0
+    return engine
+
+
+def test_interventions_filter_by_detector_rule_and_kind(policy_trail):
+    engine = policy_trail
+    everything, _ = get_interventions(engine, page_size=1000)
+    assert len(everything) == N and {r.kind for r in everything} == set(POLICY_KINDS)
+    for filters, pred in [
+        ({"detector_id": "d2"}, lambda r: r.detector_id == "d2"),
+        ({"rule_id": "rule-1"}, lambda r: r.rule_id == "rule-1"),
+        ({"kind": "escalate"}, lambda r: r.kind == "escalate"),
+        ({"kind": "override"}, lambda r: False),
+        ({"rule_id": "rule-0", "kind": "log"}, lambda r: r.rule_id == "rule-0" and r.kind == "log"),
+        (
+            {"detector_id": "d1", "rule_id": "rule-2", "request_id": "r0"},
+            lambda r: (r.detector_id, r.rule_id, r.request_id) == ("d1", "rule-2", "r0"),
+        ),
+        ({"kind": "steer", "since": _ts(6)}, lambda r: r.kind == "steer" and r.created_at >= _ts(6)),
+    ]:
+        expected = [r for r in everything if pred(r)]
+        for size in (1, 3, 53):
+            rows, _ = _all_pages(engine, size, get_interventions, **filters)
+            assert rows == expected, (filters, size)
+    shadow = get_interventions(engine, kind="shadow")[0]
+    escalated = get_interventions(engine, kind="escalate")[0]
+    assert {r.shadow_action for r in shadow} == {"block"} and all(r.escalation["endpoint"] == "mod" for r in escalated)
+
+
+def test_interventions_tokens_are_bound_to_rule_kind_and_detector(policy_trail):
+    engine = policy_trail
+    for filters, other in [
+        ({"kind": "log"}, {"kind": "alert"}),
+        ({"rule_id": "rule-0"}, {"rule_id": "rule-1"}),
+        ({"detector_id": "d0"}, {"detector_id": "d1"}),
+        ({"kind": "log"}, {}),
+    ]:
+        _, token = get_interventions(engine, page_size=1, **filters)
+        assert token is not None
+        assert get_interventions(engine, page_size=1, page_token=token, **filters)[0]
+        with pytest.raises(ValueError, match="issued for other filters"):
+            get_interventions(engine, page_size=1, page_token=token, **other)
+    for name in ("rule_id", "kind", "detector_id"):
+        with pytest.raises(ValueError, match=f"^{name}: must be text without NUL"):
+            get_interventions(engine, **{name: "a\x00b"})
+
+
 def _closed_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -51,8 +51,17 @@ def test_alert_defaults_and_checks():
 
 def test_intervention_kinds_and_their_fields():
     for kind in domain.INTERVENTION_KINDS:
-        rec = _steer() if kind == "steer" else InterventionRecord("r", kind, 0)
+        extra = {"shadow_action": "block"} if kind == "shadow" else {}
+        rec = _steer() if kind == "steer" else InterventionRecord("r", kind, 0, **extra)
         assert rec.kind == kind and len(rec.intervention_id) == 32
+    with pytest.raises(ValueError, match="shadow_action"):
+        InterventionRecord("r", "shadow", 0)  # a shadow record says what it would have done
+    with pytest.raises(ValueError, match="shadow_action"):
+        InterventionRecord("r", "block", 0, shadow_action="block")
+    with pytest.raises(ValueError, match="escalation only applies"):
+        InterventionRecord("r", "alert", 0, escalation={"flagged": True})
+    with pytest.raises(ValueError, match="outcome"):
+        InterventionRecord("r", "alert", 0, outcome="exploded")
     assert _steer().trigger == "request"  # the client asked for it
     assert _steer(detector_id="deception").trigger == "deception"
     assert InterventionRecord("r", "override", 0, detector_id="d", trigger="request").trigger == "request"
