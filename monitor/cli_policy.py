@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from monitor.cli_common import console, fail, out
+from monitor.cli_common import fail, out
 
 app = typer.Typer(no_args_is_help=True, add_completion=False)
 
@@ -55,7 +55,7 @@ def check(
         table.add_column(col, overflow="fold")
     for row in rows:
         table.add_row(*(row[c] for c in ("id", "detector", "when", "match", "action")))
-    console.print(table)
+    out.print(table)
 
 
 def _when(w) -> str:
