@@ -48,7 +48,10 @@ def test_service_methods() -> None:
     svc = pb.DESCRIPTOR.services_by_name["Monitor"]
     assert svc.full_name == "latentwatch.v1.Monitor"
     methods = {m.name: m for m in svc.methods}
-    assert set(methods) == {"Generate", "Score", "ListDetectors", "GetAlerts", "ReloadDetectors", "GetServerInfo"}
+    assert set(methods) == {"Generate", "Score", "ListDetectors", "GetAlerts", "GetInterventions", "ReloadDetectors",
+                            "GetServerInfo"}
+    trail = methods["GetInterventions"]
+    assert (trail.input_type.name, trail.output_type.name) == ("GetInterventionsRequest", "GetInterventionsResponse")
     gen = methods["Generate"]
     assert gen.input_type.name == "GenerateRequest"
     assert gen.output_type.name == "GenerateResponse"
