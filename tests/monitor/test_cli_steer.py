@@ -50,6 +50,11 @@ def tiny(tmp_path_factory):
     return paths | {"vec": root / "vec", "build": result}
 
 
+def build(tiny, *args):
+    """`steer build` on the fixture's two example files, with `args` after them."""
+    return run("steer", "build", "--positive", tiny["pos"], "--negative", tiny["neg"], *args)
+
+
 # ---------------------------------------------------------------------------------- build
 
 
@@ -69,13 +74,8 @@ def test_build_prints_a_table_and_writes_a_pack(tiny):
 
 
 def test_build_json_with_pca_and_a_default_coefficient(tiny, tmp_path):
-    result = run(
-        "steer",
-        "build",
-        "--positive",
-        tiny["pos"],
-        "--negative",
-        tiny["neg"],
+    result = build(
+        tiny,
         "--hook-point",
         "blocks.2.resid_post",
         "--method",
@@ -98,21 +98,8 @@ def test_build_json_with_pca_and_a_default_coefficient(tiny, tmp_path):
 
 
 def test_build_from_a_probe_defaults_to_its_hook_point(tiny, tmp_path):
-    result = run(
-        "steer",
-        "build",
-        "--positive",
-        tiny["pos"],
-        "--negative",
-        tiny["neg"],
-        "--method",
-        "probe",
-        "--probe",
-        tiny["probe"],
-        "--out",
-        tmp_path / "p",
-        "--model",
-        tiny["model"],
+    result = build(
+        tiny, "--method", "probe", "--probe", tiny["probe"], "--out", tmp_path / "p", "--model", tiny["model"]
     )
     assert result.exit_code == 0, result.output
     assert "p: probe, add x 1" in result.stdout and "blocks.2.resid_post" in result.stdout
@@ -136,15 +123,13 @@ def test_build_from_a_probe_defaults_to_its_hook_point(tiny, tmp_path):
 )
 def test_build_option_errors_before_the_model_loads(tiny, no_model, args, message):
     hook = [] if "--hook-point" in args else ["--hook-point", "blocks.1.resid_post"]
-    result = run("steer", "build", "--positive", tiny["pos"], "--negative", tiny["neg"], *hook, *args)
+    result = build(tiny, *hook, *args)
     assert message in error_line(result)
 
 
 def test_build_file_errors_before_the_model_loads(tiny, no_model, tmp_path):
     base = ["steer", "build", "--negative", tiny["neg"], "--hook-point", "blocks.1.resid_post"]
-    assert "--hook-point: give at least one" in error_line(
-        run("steer", "build", "--positive", tiny["pos"], "--negative", tiny["neg"])
-    )
+    assert "--hook-point: give at least one" in error_line(build(tiny))
     assert f"{tmp_path / 'none.jsonl'}: no such file" in error_line(run(*base, "--positive", tmp_path / "none.jsonl"))
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "ok"}\n{"txt": "typo"}\n')
@@ -160,18 +145,7 @@ def test_build_file_errors_before_the_model_loads(tiny, no_model, tmp_path):
 
 
 def test_build_hook_point_past_the_model(tiny):
-    result = run(
-        "steer",
-        "build",
-        "--positive",
-        tiny["pos"],
-        "--negative",
-        tiny["neg"],
-        "--hook-point",
-        "blocks.9.resid_post",
-        "--model",
-        tiny["model"],
-    )
+    result = build(tiny, "--hook-point", "blocks.9.resid_post", "--model", tiny["model"])
     assert "--hook-point: hook point 'blocks.9.resid_post' is out of range: this model has blocks 0..2" in error_line(
         result
     )
@@ -262,13 +236,8 @@ def test_export_errors(tiny, tmp_path):
     assert "no-such-vector: no such file or folder" in error_line(
         run("steer", "export", "no-such-vector", "--out", tmp_path / "v.gguf")
     )
-    result = run(
-        "steer",
-        "build",
-        "--positive",
-        tiny["pos"],
-        "--negative",
-        tiny["neg"],
+    result = build(
+        tiny,
         "--hook-point",
         "blocks.1.mlp_out",
         "--hook-point",
@@ -284,20 +253,7 @@ def test_export_errors(tiny, tmp_path):
 
 
 def test_export_of_block_0_warns_about_llama_cpp(tiny, tmp_path):
-    result = run(
-        "steer",
-        "build",
-        "--positive",
-        tiny["pos"],
-        "--negative",
-        tiny["neg"],
-        "--hook-point",
-        "blocks.0.resid_post",
-        "--model",
-        tiny["model"],
-        "--out",
-        tmp_path / "b0",
-    )
+    result = build(tiny, "--hook-point", "blocks.0.resid_post", "--model", tiny["model"], "--out", tmp_path / "b0")
     assert result.exit_code == 0, result.output
     result = run("steer", "export", tmp_path / "b0", "--out", tmp_path / "b0.gguf")
     assert result.exit_code == 0, result.output
