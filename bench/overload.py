@@ -34,7 +34,7 @@ from latentwatch.v1 import monitor_pb2_grpc as pb_grpc  # noqa: E402
 from tests.monitor.server_fixtures import ServeProcess  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from soak import rss_mb  # noqa: E402
+from soak import memory_mb  # noqa: E402
 
 
 async def storm(target: str, n: int, tokens: int, admitted_first: int = 0, running: int = 0):
@@ -127,10 +127,10 @@ def main() -> int:
                        env={"LATENTWATCH_GENERATE__MAX_BATCH": str(args.in_flight),
                             "LATENTWATCH_GENERATE__MAX_QUEUE": str(args.queue)})
     try:
-        before = rss_mb(srv.proc.pid)
+        before = memory_mb(srv.proc.pid)["VmRSS"]
         admitted, full = asyncio.run(storm(srv.target, args.streams, args.tokens, held, args.in_flight))
         _, idle = asyncio.run(storm(srv.target, args.streams, args.tokens))
-        after = rss_mb(srv.proc.pid)
+        after = memory_mb(srv.proc.pid)["VmRSS"]
     finally:
         srv.signal(signal.SIGTERM)
         srv.wait()
