@@ -18,13 +18,13 @@ import contextvars
 import hashlib
 import hmac
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
 
+from monitor.config import file_signature
 from monitor.domain import AUTH_ROLES
 from monitor.errors import RequestError, clip
 from monitor.metrics import Metrics
@@ -158,7 +158,7 @@ class Auth:
 
     def __init__(self, path: Path, metrics: Metrics):
         self.path, self.metrics = Path(path), metrics
-        self._seen = self._signature()
+        self._seen = file_signature(self.path)
         self._entries = read_tokens(self.path)  # at startup a bad file is an error, not "no tokens"
         log.info("authentication on: %d token(s) from %s", len(self._entries), self.path)
 
@@ -182,7 +182,7 @@ class Auth:
 
     def refresh(self) -> None:
         """Re-read the file if it changed; a version that does not validate keeps the tokens in force."""
-        signature = self._signature()
+        signature = file_signature(self.path)
         if signature == self._seen:
             return
         self._seen = signature
@@ -205,14 +205,6 @@ class Auth:
             if hmac.compare_digest(presented, entry.sha256) and found is None:
                 found = entry
         return Identity(found.client_id, frozenset(found.roles)) if found is not None else None
-
-    def _signature(self) -> tuple[int, int, int] | None:
-        try:
-            st = os.stat(self.path)
-        except OSError:
-            return None
-        return st.st_ino, st.st_size, st.st_mtime_ns
-
 
 __all__ = ["Auth", "Identity", "TokenEntry", "TokenFileError", "alerts_client", "digest", "identity", "read_tokens",
            "require"]

@@ -257,6 +257,18 @@ class Settings(BaseSettings):
         return not (self.insecure or is_loopback(self.host) or (self.tls_cert is not None and authenticated))
 
 
+def file_signature(path: str | os.PathLike | None) -> tuple[int, int, int] | None:
+    """(inode, size, mtime) of a file that is re-read when it changes (token file, policy file);
+    None when there is no file. A rename over it (how editors and Kubernetes swap files) changes it."""
+    if path is None:
+        return None
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_ino, st.st_size, st.st_mtime_ns
+
+
 def is_loopback(host: str) -> bool:
     """127.0.0.0/8, ::1 or localhost: reachable from this host only."""
     host = host.strip("[]").lower()

@@ -57,7 +57,8 @@ def decide(rules: Sequence[Rule], aggregate: np.ndarray, fired: frozenset[str], 
     `fired` holds the ids that fired before).
 
     A score that is not finite (packs are checked when they load, but activations can still
-    overflow) fails closed: it reads 1.0, so a broken detector can never go quiet.
+    overflow) fails closed: every rule on it fires, recording 1.0 (a band rule too, whose band a
+    NaN is in no more than out of), so a broken detector can never go quiet.
     """
     out = []
     for r in rules:
@@ -67,9 +68,9 @@ def decide(rules: Sequence[Rule], aggregate: np.ndarray, fired: frozenset[str], 
         if n is None or n < r.min_tokens:
             continue
         score = float(aggregate[r.slot])
-        if not np.isfinite(score):
-            score = 1.0
-        if r.holds(score):
+        broken = not np.isfinite(score)
+        if broken or r.holds(score):
+            score = 1.0 if broken else score
             out.append(Decision(r, score, token_index, r.steering if r.act.steers else ()))
     return out
 

@@ -15,7 +15,6 @@ import gc
 import hashlib
 import importlib.metadata
 import logging
-import os
 import signal
 import time
 from collections.abc import Callable
@@ -31,7 +30,7 @@ from latentwatch.v1 import monitor_pb2_grpc as pb_grpc
 from monitor import escalation, http, mapping, tls
 from monitor.admission import apply_overrides, check_steering
 from monitor.auth import Auth, alerts_client
-from monitor.config import Settings
+from monitor.config import Settings, file_signature
 from monitor.decisions import decide, verdict_effect
 from monitor.domain import ACTIONS, END_OUTCOME
 from monitor.enums import INTERVENTION
@@ -78,7 +77,7 @@ class MonitorService(pb_grpc.MonitorServicer):
         self.admission = Admission(settings, self.metrics)
         self.streams: set[GenerateStream] = set()  # Generate requests in flight
         self._reloading = asyncio.Lock()
-        self.policy_path, self._policy_seen = settings.policy, _signature(settings.policy)
+        self.policy_path, self._policy_seen = settings.policy, file_signature(settings.policy)
 
     def _install(self, snapshot: Snapshot) -> None:
         """Admit new requests with this snapshot; those in flight keep the one they were admitted with."""
@@ -229,7 +228,7 @@ class MonitorService(pb_grpc.MonitorServicer):
             if snap.version != self.snapshot.version:
                 log.info("reload (%s): snapshot %s (policy %s)", why, snap.version, snap.policy_version or "none")
             self._install(snap)
-            self.policy_path, self._policy_seen = settings.policy, _signature(settings.policy)
+            self.policy_path, self._policy_seen = settings.policy, file_signature(settings.policy)
             return snap
 
     async def watch_policy(self, every_s: float = 1.0) -> None:
@@ -238,8 +237,8 @@ class MonitorService(pb_grpc.MonitorServicer):
         while True:
             await asyncio.sleep(every_s)
             path = self.policy_path
-            if path is not None and _signature(path) != self._policy_seen:
-                self._policy_seen = _signature(path)
+            if path is not None and file_signature(path) != self._policy_seen:
+                self._policy_seen = file_signature(path)
                 with contextlib.suppress(RequestError):
                     await self.reload(f"{path} changed")
 
@@ -478,14 +477,6 @@ async def serve(settings: Settings, *, on_ready: Callable[[Server], None] | None
     await stop.wait()
     log.info("shutting down: up to %.1f s for requests in flight", settings.drain_seconds)
     await server.stop(linger=min(1.0, settings.drain_seconds))
-
-
-def _signature(path) -> tuple | None:
-    try:
-        st = os.stat(path) if path is not None else None
-    except OSError:
-        return ()
-    return (st.st_ino, st.st_size, st.st_mtime_ns) if st is not None else None
 
 
 __all__ = ["MonitorService", "Server", "serve"]

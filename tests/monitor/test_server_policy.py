@@ -441,3 +441,17 @@ def test_steer_rule_with_a_vector_pack_changes_what_the_model_writes(setup, stub
                                                                             "blocks.0.resid_post", 0)
     assert st.steering.coefficient == pytest.approx(40 * float(vector.norm()), rel=1e-5)
     assert summary(events).text != plain  # the first token included: the request ran again, steered
+
+
+def test_a_detector_that_scores_nan_fires_every_rule_on_it_band_rules_too():
+    """Fail closed: a NaN is no more outside a band than inside it, so nothing on a broken detector goes quiet."""
+    import numpy as np
+
+    from monitor.decisions import decide
+    from monitor.snapshot import Rule
+
+    rules = [Rule(0, "band", "1", "blocks.1.resid_post", 0.3, "escalate", high=0.7),
+             Rule(0, "above", "1", "blocks.1.resid_post", 0.9, "block"),
+             Rule(1, "fine", "1", "blocks.1.resid_post", 0.9, "block")]
+    fired = decide(rules, np.array([np.nan, 0.5]), frozenset(), 0, 4)
+    assert [(d.rule.id, d.score) for d in fired] == [("band", 1.0), ("above", 1.0)]
