@@ -5,7 +5,8 @@ not parse is INVALID_ARGUMENT; anything else is logged with its traceback and an
 with a generic message and the RPC's log reference, never the exception's text.
 
 With `authorize` (`monitor.auth.Auth.check`) every RPC of the services is authenticated before
-anything else, and its refusals (UNAUTHENTICATED, PERMISSION_DENIED) are outcomes like any other.
+anything else, then `gate` may refuse work the server cannot take (draining, journal full, queue
+full), and only then is the body parsed; refusals are outcomes like any other.
 """
 
 from __future__ import annotations
@@ -50,50 +51,54 @@ def _rpc_kind(method: str) -> str:
 
 class ErrorInterceptor(grpc.aio.ServerInterceptor):
     def __init__(self, metrics: Metrics, services: tuple[str, ...],
-                 authorize: Callable[[str, grpc.aio.ServicerContext], str] | None = None):
+                 authorize: Callable[[str, grpc.aio.ServicerContext], str] | None = None,
+                 gate: Callable[[str, grpc.aio.ServicerContext], None] | None = None, gated: tuple[str, ...] = ()):
         self.metrics, self.services, self.authorize = metrics, services, authorize
+        self.gate, self.gated = gate, gated
 
     async def intercept_service(self, continuation, details):
         handler = await continuation(details)
         if handler is None or not details.method.startswith(tuple(f"/{s}/" for s in self.services)):
             return handler
-        kind = _rpc_kind(details.method)
+        kind, parse = _rpc_kind(details.method), handler.request_deserializer
+        # the body is parsed only once the caller is authenticated and the work admitted
         if handler.unary_unary:
-            return grpc.unary_unary_rpc_method_handler(
-                self._unary(kind, handler.unary_unary), request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer)
+            return grpc.unary_unary_rpc_method_handler(self._unary(kind, parse, handler.unary_unary),
+                                                       response_serializer=handler.response_serializer)
         if handler.unary_stream:
-            return grpc.unary_stream_rpc_method_handler(
-                self._stream(kind, handler.unary_stream), request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer)
+            return grpc.unary_stream_rpc_method_handler(self._stream(kind, parse, handler.unary_stream),
+                                                        response_serializer=handler.response_serializer)
         return handler
 
-    def _unary(self, kind, fn):
-        async def run(request, context):
-            async with self._rpc(kind, request, context):
+    def _unary(self, kind, parse, fn):
+        async def run(body, context):
+            async with self._rpc(kind, parse, body, context) as request:
                 return await fn(request, context)
 
         return run
 
-    def _stream(self, kind, fn):
-        async def run(request, context):
-            async with self._rpc(kind, request, context):
+    def _stream(self, kind, parse, fn):
+        async def run(body, context):
+            async with self._rpc(kind, parse, body, context) as request:
                 async for item in fn(request, context):
                     yield item
 
         return run
 
     @contextlib.asynccontextmanager
-    async def _rpc(self, kind: str, request, context):
+    async def _rpc(self, kind: str, parse, body: bytes, context):
         t0, call = time.monotonic(), Call(kind)
         current.set(call)
         try:
             client = self.authorize(kind, context) if self.authorize is not None else None
+            if kind in self.gated:  # a burst beyond capacity costs no more than a bare gRPC call
+                self.gate(kind, context)
+            request = parse(body)
             _check(request)
             call.client_id = request.metadata.client_id if request.DESCRIPTOR.fields_by_name.get("metadata") else ""
             if client is not None:  # the token's client id, whatever the request says
                 call.client_id = client
-            yield
+            yield request
         except asyncio.CancelledError:
             call.outcome = _cancelled(context)
             raise

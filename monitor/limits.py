@@ -39,12 +39,17 @@ class Admission:
         waves = math.ceil(max(1, self.admitted[kind] - self.running[kind] + 1) / self.running[kind])
         return int(1000 * waves * self.seconds[kind])
 
+    def check(self, kind: str, context) -> None:
+        """Refuse (RESOURCE_EXHAUSTED) when `kind` is full. The interceptor asks before the request is
+        even read, so a burst is refused at the cost of a bare gRPC call; `slot` asks again."""
+        if kind in self.capacity and self.admitted[kind] >= self.capacity[kind]:
+            self._refuse(context, kind, "busy", f"server busy: {self.admitted[kind]} {kind} requests admitted "
+                                                f"({self.running[kind]} running, the rest queued)")
+
     @contextlib.contextmanager
     def slot(self, kind: str, client_id: str, context):
         """Hold one slot of `kind` (and of the client's allowance) for the duration of a request."""
-        if self.admitted[kind] >= self.capacity[kind]:
-            self._refuse(context, kind, "busy", f"server busy: {self.admitted[kind]} {kind} requests admitted "
-                                                f"({self.running[kind]} running, the rest queued)")
+        self.check(kind, context)
         limit = self.per_client.get(client_id, self.per_client.get(WILDCARD))
         if limit is not None and self.by_client.get(client_id, 0) >= limit:
             self._refuse(context, kind, "client_limit",

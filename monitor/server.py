@@ -88,8 +88,7 @@ class MonitorService(pb_grpc.MonitorServicer):
 
     # RPCs ---------------------------------------------------------------------------
     async def Score(self, request: pb.ScoreRequest, context) -> pb.ScoreResponse:
-        self._refuse_if_draining()
-        self._refuse_if_journal_full()
+        self.gate("score", context)
         with self.admission.slot("score", mapping.client_id(request.metadata), context):
             return await self._score(request, context)
 
@@ -139,8 +138,7 @@ class MonitorService(pb_grpc.MonitorServicer):
         return resp
 
     async def Generate(self, request: pb.GenerateRequest, context):
-        self._refuse_if_draining()
-        self._refuse_if_journal_full()
+        self.gate("generate", context)
         with self.admission.slot("generate", mapping.client_id(request.metadata), context):
             async for msg in self._generate(request, context):
                 yield msg
@@ -289,13 +287,15 @@ class MonitorService(pb_grpc.MonitorServicer):
             stream.cut_by_shutdown = True
             stream.job.cancel()
 
-    def _refuse_if_draining(self) -> None:
+    def gate(self, kind: str, context) -> None:
+        """Refuse new work of `kind` that this server cannot take now: shutting down, the alert
+        journal full (fail_closed: no alert that is not kept), or the kind's queue full. The
+        interceptor asks before the request is read; Score and Generate ask again."""
         if self.draining:
             raise RequestError("UNAVAILABLE", "server is shutting down; retry on another replica")
-
-    def _refuse_if_journal_full(self) -> None:
-        if self.writer is not None and not self.writer.accepting:  # fail_closed: no alert that is not kept
+        if self.writer is not None and not self.writer.accepting:
             raise RequestError("UNAVAILABLE", self.writer.refusal)
+        self.admission.check(kind, context)
 
     async def _page(self, request, query: Callable[..., tuple[list, str | None]], what: str, **filters):
         """One page of GetAlerts or GetInterventions: check the page size and time range, narrow the
@@ -365,7 +365,8 @@ class Server:
         opts = [("grpc.max_receive_message_length", settings.max_message_bytes),
                 ("grpc.max_send_message_length", settings.max_message_bytes),
                 ("grpc.so_reuseport", 0)]
-        interceptor = ErrorInterceptor(self.metrics, (SERVICE.full_name,), self.auth.check if self.auth else None)
+        interceptor = ErrorInterceptor(self.metrics, (SERVICE.full_name,), self.auth.check if self.auth else None,
+                                       gate=self.service.gate, gated=("generate", "score"))
         self.grpc = grpc.aio.server(options=opts, interceptors=[interceptor])
         add_service(self.service, self.grpc, SERVICE)
         self.health = add_health_and_reflection(self.grpc, [SERVICE.full_name])

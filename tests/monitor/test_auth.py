@@ -142,6 +142,9 @@ def test_no_token_or_a_bogus_one_is_unauthenticated_and_health_stays_open(setup)
                                   response_deserializer=pb.ListDetectorsResponse.FromString)
             assert code_of(lambda: call(pb.ListDetectorsRequest(), metadata=[("authorization", value)],
                                         timeout=30))[0] == grpc.StatusCode.UNAUTHENTICATED
+        # the body of an anonymous call is never read: garbage is UNAUTHENTICATED, not INVALID_ARGUMENT
+        garbage = ch.unary_unary(f"/{stub.full_name}/Score")
+        assert code_of(lambda: garbage(b"\xff\xff\xff\xff", timeout=30))[0] == grpc.StatusCode.UNAUTHENTICATED
         health = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=30)
         assert health.status == health_pb2.HealthCheckResponse.SERVING
 

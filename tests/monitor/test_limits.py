@@ -14,6 +14,8 @@ from latentwatch.v1 import monitor_pb2_grpc as pb_grpc
 from monitor.config import Settings
 from tests.monitor.server_fixtures import RunningServer, make_pack, runner
 
+SERVICE = pb.DESCRIPTOR.services_by_name["Monitor"].full_name
+
 
 @pytest.fixture
 def slow_server(tmp_path):
@@ -66,6 +68,26 @@ def test_excess_streams_are_refused_at_once_and_admitted_ones_all_finish(slow_se
     print(f"\n200 streams: {len(ok)} finished, {len(refused)} refused; slowest refusal "
           f"{1000 * max(r[1] for r in refused):.1f} ms; test process max RSS {rss_before / 1024:.0f} -> "
           f"{rss_after / 1024:.0f} MiB")
+
+
+def test_a_full_server_refuses_before_reading_the_body(slow_server):
+    """Past capacity a call costs no parse: even a body that is not a protobuf is told 'busy'."""
+    async def run():
+        background = asyncio.ensure_future(_streams(slow_server.target, 48, prompt="x", max_new_tokens=60))
+        await asyncio.sleep(0.5)
+        async with grpc.aio.insecure_channel(slow_server.target) as ch:
+            with pytest.raises(grpc.aio.AioRpcError) as e:
+                async for _ in ch.unary_stream(f"/{SERVICE}/Generate")(b"\xff\xff\xff\xff", timeout=30):
+                    pass
+        await background
+        return e.value
+
+    err = asyncio.run(run())
+    assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "server busy" in err.details()
+    # with room again, the same body is read and named for what it is
+    with grpc.insecure_channel(slow_server.target) as ch, pytest.raises(grpc.RpcError) as e:
+        list(ch.unary_stream(f"/{SERVICE}/Generate")(b"\xff\xff\xff\xff", timeout=30))
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
 def test_a_client_over_its_concurrency_limit_is_refused(slow_server):

@@ -31,6 +31,7 @@ def test_json_access_lines_carry_the_rpc_and_never_the_prompt(tmp_path, capsys):
             pass
     finally:
         srv.stop()
+        logs.stop()  # every queued line written
         root.handlers[:], root.level = saved
     lines = [json.loads(line) for line in capsys.readouterr().err.splitlines() if line.startswith("{")]
     access = [x for x in lines if x["logger"] == "latentwatch.access"]
@@ -39,3 +40,20 @@ def test_json_access_lines_carry_the_rpc_and_never_the_prompt(tmp_path, capsys):
     assert {"time", "level", "message"} <= set(ok)
     assert any(x["outcome"] == "not_found" for x in access)
     assert not [x for x in lines if "SECRET" in json.dumps(x)]
+
+
+def test_a_logged_traceback_stays_apart_from_the_message_through_the_writer_thread(capsys):
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    logs.configure("info", "json")
+    try:
+        try:
+            raise ValueError("boom")
+        except ValueError:
+            logging.getLogger("latentwatch.test").error("scoring failed (ref %s)", "abc123", exc_info=True)
+    finally:
+        logs.stop()
+        root.handlers[:], root.level = saved
+    line = json.loads(capsys.readouterr().err.strip().splitlines()[-1])
+    assert line["message"] == "scoring failed (ref abc123)"
+    assert "ValueError: boom" in line["exception"] and line["level"] == "error"
