@@ -3,7 +3,7 @@
 Detectors that read the same hook point are fused per scorer kind (`monitor.scorers`): all
 affine probes at a hook point cost one matmul however many there are; MLP probes add two.
 Per-token logits land in a step buffer; `BankState.update` folds them into per-row running
-aggregates (last, mean, max, EMA, rolling max) with padding masked out. For alert explanations,
+aggregates (last, mean, max, EMA, rolling max, max of rolling means) with padding masked out. For alert explanations,
 `LatentReadout` reads the most active latents of each SAE at a detector's hook point in the same
 hook. Nothing here leaves the device: the runner moves one tensor to the host per forward step.
 """
@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Literal
 import numpy as np
 import torch
 
-from monitor.domain import AGGREGATIONS, HookPoint
+from monitor.domain import AGGREGATIONS, WINDOWED_AGGREGATIONS, HookPoint
 from monitor.scorers import scorer_for
 
 if TYPE_CHECKING:
@@ -34,7 +34,7 @@ class Detector:
     head: object  # anything with a registered `scorer_kind` (monitor.scorers)
     aggregation: str = "mean"
     alpha: float | None = None  # ema
-    window: int | None = None  # rolling_max
+    window: int | None = None  # rolling_max, max_rolling_mean
     threshold: float = 0.5
     input_format: str = "chat"  # how plain text is encoded for this probe: as a user turn, or raw
     manifest: object | None = field(default=None, repr=False)
@@ -47,8 +47,8 @@ class Detector:
             raise ValueError(f"detector {self.id!r}: unknown aggregation {self.aggregation!r}")
         if self.aggregation == "ema" and not (self.alpha and 0 < self.alpha <= 1):
             raise ValueError(f"detector {self.id!r}: ema aggregation needs 0 < alpha <= 1")
-        if self.aggregation == "rolling_max" and not (self.window and self.window >= 1):
-            raise ValueError(f"detector {self.id!r}: rolling_max aggregation needs window >= 1")
+        if self.aggregation in WINDOWED_AGGREGATIONS and not (self.window and self.window >= 1):
+            raise ValueError(f"detector {self.id!r}: {self.aggregation} aggregation needs window >= 1")
 
     @classmethod
     def from_pack(cls, pack) -> Detector:
@@ -162,6 +162,7 @@ class DetectorBank:
         self.alpha = torch.tensor([d.alpha or 1.0 for d in detectors], device=self.device)
         windows = [d.window or 1 for d in detectors]
         self.max_window = max(windows, default=1)
+        self.window = torch.tensor(windows, device=self.device, dtype=torch.float32)
         # window_mask[k, p]: whether the k-th most recent token is inside probe p's window
         self.window_mask = torch.arange(self.max_window, device=self.device)[:, None] < torch.tensor(
             windows, device=self.device
@@ -212,6 +213,7 @@ class BankState:
         self.ema = torch.zeros(rows, p, device=dev)
         self.ema_decay = torch.ones(rows, p, device=dev)  # (1 - alpha) ** count, for bias correction
         self.recent = torch.full((rows, bank.max_window, p), -torch.inf, device=dev)  # most recent first
+        self.window_max = torch.full((rows, p), -torch.inf, device=dev)  # max of full windows' means
         self.step_logits: torch.Tensor | None = None
         self.latents: torch.Tensor | None = None  # [rows, pairs, m, 2] of this step, with a bank.readout
         self.held: dict[HookPoint, torch.Tensor] | None = None
@@ -262,8 +264,10 @@ class BankState:
         if prompt and self.bank.completion_only is not None:
             mf = mf & ~self.bank.completion_only
         n = mf.sum(1).float()  # [rows, 1 or probes]
+        if "max_rolling_mean" in kinds:  # before `count` and `recent` move on: it reads both
+            self._window_means(x, mf)
         self.count += n
-        if "mean" in kinds:
+        if "mean" in kinds or "max_rolling_mean" in kinds:
             self.sum += torch.where(mf, x, 0.0).sum(1)
         if "max" in kinds:
             self.max = torch.maximum(self.max, torch.where(mf, x, -torch.inf).amax(1))
@@ -271,7 +275,7 @@ class BankState:
             pos = torch.arange(x.shape[1], device=x.device)[None, :, None]
             last_idx = torch.where(mf, pos, -1).amax(1).clamp(min=0).expand(-1, x.shape[2])  # [rows, probes]
             self.last = torch.where(n > 0, x.gather(1, last_idx[:, None, :]).squeeze(1), self.last)
-        if "ema" in kinds or "rolling_max" in kinds:
+        if "ema" in kinds or "rolling_max" in kinds or "max_rolling_mean" in kinds:
             # rank of each scored token counted from the end of the step (0 = most recent)
             after = (mf.flip(1).cumsum(1).flip(1) - mf.long()).float()  # [rows, seq, 1 or probes]
         if "ema" in kinds:
@@ -279,7 +283,7 @@ class BankState:
             weight = self.bank.alpha * keep.pow(after)  # [rows, seq, probes]
             self.ema = self.ema * keep.pow(n) + torch.where(mf, weight * x, 0.0).sum(1)
             self.ema_decay = self.ema_decay * keep.pow(n)
-        if "rolling_max" in kinds:
+        if "rolling_max" in kinds or "max_rolling_mean" in kinds:
             w = self.bank.max_window
             k = torch.arange(w, device=x.device)
             # Scatter each scored token to its recency slot; everything else lands in a spare slot
@@ -292,6 +296,26 @@ class BankState:
             self.recent = torch.where(shift >= 0, old, new)
         return self.aggregate()
 
+    def _window_means(self, x: torch.Tensor, mf: torch.Tensor) -> None:
+        """Fold into `window_max` the mean of every full window (each probe's last `window` scored
+        tokens) that ends at one of this step's tokens. Prefix sums over the tokens the ring still
+        holds followed by this step's, indexed by how many scored tokens precede: no host sync."""
+        old = self.recent.flip(1)  # [rows, max_window, probes], oldest first; -inf where empty
+        old_ok, new_ok = torch.isfinite(old), mf.expand_as(x)
+        ok = torch.cat([old_ok, new_ok], 1)
+        sums = torch.where(ok, torch.cat([old, x], 1), 0.0).cumsum(1)
+        seen = ok.float().cumsum(1)  # scored tokens up to each position
+        by_seen = torch.zeros(sums.shape[0], sums.shape[1] + 1, sums.shape[2], device=x.device)
+        by_seen = by_seen.scatter(1, torch.where(ok, seen, 0.0).long(), torch.where(ok, sums, 0.0))
+        window = self.bank.window
+        start = (seen - window).clamp(min=0).long()
+        means = (sums - by_seen.gather(1, start)) / window
+        # a window is full once `window` tokens have been scored in all (the ring may hold fewer)
+        total = self.count[:, None, :] + new_ok.float().cumsum(1)
+        full = new_ok & (total >= window)
+        step = torch.where(full, means[:, old.shape[1]:], -torch.inf).amax(1)
+        self.window_max = torch.maximum(self.window_max, step)
+
     def aggregate(self) -> torch.Tensor:
         """Aggregate logit per row and probe under each probe's own aggregation."""
         stat = {
@@ -300,6 +324,9 @@ class BankState:
             "max": lambda: self.max,
             "ema": lambda: self.ema / (1.0 - self.ema_decay).clamp(min=1e-12),
             "rolling_max": lambda: torch.where(self.bank.window_mask, self.recent, -torch.inf).amax(1),
+            # while fewer than `window` tokens have been scored, the mean of those there are
+            "max_rolling_mean": lambda: torch.where(self.count >= self.bank.window, self.window_max,
+                                                    self.sum / self.count.clamp(min=1)),
         }
         kinds = self.bank.kinds
         if len(kinds) == 1:
@@ -309,7 +336,7 @@ class BankState:
             out = candidates.gather(0, self.bank.agg_code.expand(1, *self.sum.shape)).squeeze(0)
         return torch.where(self.count > 0, out, 0.0)
 
-    STATS = ("count", "sum", "max", "last", "ema", "ema_decay", "recent")
+    STATS = ("count", "sum", "max", "last", "ema", "ema_decay", "recent", "window_max")
 
     def select(self, rows: torch.Tensor) -> None:
         """Keep only these rows (finished requests leave the batch)."""

@@ -96,9 +96,13 @@ RuleWhere = Literal["prompt", "completion", "both"]
 
 # ---------------------------------------------------------------------------- aggregations
 
-AGGREGATIONS = ("last", "mean", "max", "ema", "rolling_max")
-AggregationName = Literal["last", "mean", "max", "ema", "rolling_max"]
+# `rolling_max`: max of the last `window` token logits. `max_rolling_mean`: max over positions of
+# the mean of the last `window` logits (the mean of all of them while fewer have been seen), so a
+# few hot tokens cannot fire it and a long or repetitive input cannot drift into it.
+AGGREGATIONS = ("last", "mean", "max", "ema", "rolling_max", "max_rolling_mean")
+AggregationName = Literal["last", "mean", "max", "ema", "rolling_max", "max_rolling_mean"]
 assert get_args(AggregationName) == AGGREGATIONS
+WINDOWED_AGGREGATIONS = ("rolling_max", "max_rolling_mean")  # the ones that take `window`
 
 # --------------------------------------------------------------------- requests and records
 

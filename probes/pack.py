@@ -20,6 +20,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save_file
 
+from monitor.domain import WINDOWED_AGGREGATIONS, AggregationName
 from probes.fingerprint import ModelFingerprint
 from probes.kinds import Probe, ScoringHead, probe_kind
 
@@ -44,7 +45,7 @@ class Aggregation(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    kind: Literal["last", "mean", "max", "ema", "rolling_max"]
+    kind: AggregationName
     alpha: float | None = None
     window: int | None = None
 
@@ -55,11 +56,11 @@ class Aggregation(BaseModel):
                 raise ValueError("ema needs alpha with 0 < alpha <= 1")
         elif self.alpha is not None:
             raise ValueError(f"alpha is only for ema, not {self.kind}")
-        if self.kind == "rolling_max":
+        if self.kind in WINDOWED_AGGREGATIONS:
             if self.window is None or self.window < 1:
-                raise ValueError("rolling_max needs window >= 1")
+                raise ValueError(f"{self.kind} needs window >= 1")
         elif self.window is not None:
-            raise ValueError(f"window is only for rolling_max, not {self.kind}")
+            raise ValueError(f"window is only for {' and '.join(WINDOWED_AGGREGATIONS)}, not {self.kind}")
         return self
 
 

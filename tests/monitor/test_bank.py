@@ -3,6 +3,8 @@
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from monitor.bank import Detector, DetectorBank
 from monitor.domain import HookPoint
@@ -33,7 +35,8 @@ def detectors(d, specs):
 
 
 AGGS = [dict(aggregation="last"), dict(aggregation="mean"), dict(aggregation="max"),
-        dict(aggregation="ema", alpha=0.3), dict(aggregation="rolling_max", window=4)]
+        dict(aggregation="ema", alpha=0.3), dict(aggregation="rolling_max", window=4),
+        dict(aggregation="max_rolling_mean", window=3)]
 
 
 @pytest.fixture(scope="module")
@@ -64,8 +67,14 @@ def test_aggregates_match_a_reference_over_token_scores(runner, bank):
     for res in runner.score(items, bank, batch_size=4, token_scores=True):
         logit = np.log(res.token_probs) - np.log1p(-res.token_probs)
         expect = [logit[-1, 0], logit[:, 1].mean(), logit[:, 2].max(), ema(logit[:, 3], 0.3), logit[-4:, 4].max(),
-                  logit[:, 5].mean(), ema(logit[:, 6], 0.3)]
+                  max_rolling_mean(logit[:, 5], 3), logit[:, 6].mean(), ema(logit[:, 7], 0.3)]
         np.testing.assert_allclose(res.probs, 1 / (1 + np.exp(-np.array(expect))), atol=1e-4)
+
+
+def max_rolling_mean(x, w):
+    if len(x) < w:
+        return x.mean()
+    return max(x[i - w:i].mean() for i in range(w, len(x) + 1))
 
 
 def ema(x, alpha):
@@ -86,7 +95,7 @@ def test_early_stop_gives_the_same_scores_as_a_full_forward(runner, bank):
 
 def test_64_probes_on_one_hook_point_cost_one_matmul(runner, monkeypatch):
     d = runner.d_model
-    bank = DetectorBank(detectors(d, [("blocks.1.resid_post", affine(d, i), AGGS[i % 5]) for i in range(64)]))
+    bank = DetectorBank(detectors(d, [("blocks.1.resid_post", affine(d, i), AGGS[i % len(AGGS)]) for i in range(64)]))
     assert len(bank.groups) == 1
     calls = []
     real = torch.addmm
@@ -121,13 +130,13 @@ def test_bank_refuses_duplicate_ids_and_bad_aggregations(runner):
 
 def test_a_bank_of_one_aggregation_matches_the_same_probe_in_a_mixed_bank(runner, bank):
     """Banks keep only the statistics their detectors use; the shortcut must not change scores."""
-    mean_only = DetectorBank([bank.detectors[1], bank.detectors[5]])
+    mean_only = DetectorBank([bank.detectors[1], bank.detectors[6]])
     assert mean_only.kinds == ["mean"]
     items = [runner.encode(p, chat=True) for p in PROMPTS]
     mixed = runner.score(items, bank, batch_size=4)
     alone = runner.score(items, mean_only, batch_size=4)
     for a, b in zip(mixed, alone):
-        np.testing.assert_allclose(a.probs[[1, 5]], b.probs, atol=1e-6)
+        np.testing.assert_allclose(a.probs[[1, 6]], b.probs, atol=1e-6)
 
 
 def test_bank_refuses_detectors_that_encode_text_differently(runner):
@@ -136,3 +145,42 @@ def test_bank_refuses_detectors_that_encode_text_differently(runner):
     raw = Detector("r", "1", HookPoint.parse("blocks.0.resid_post"), affine(d, 1), input_format="raw")
     with pytest.raises(ValueError, match="c=chat, r=raw"):
         DetectorBank([chat, raw])
+
+
+def reference(logits: np.ndarray, spec: dict) -> float:
+    agg = spec["aggregation"]
+    if agg == "last":
+        return logits[-1]
+    if agg == "mean":
+        return logits.mean()
+    if agg == "max":
+        return logits.max()
+    if agg == "ema":
+        return ema(logits, spec["alpha"])
+    if agg == "rolling_max":
+        return logits[-spec["window"]:].max()
+    return max_rolling_mean(logits, spec["window"])
+
+
+@settings(max_examples=60, deadline=None)
+@given(steps=st.lists(st.tuples(st.integers(1, 6), st.integers(0, 3)), min_size=1, max_size=12),
+       seed=st.integers(0, 2**16))
+def test_streamed_aggregates_equal_the_reference_however_the_tokens_arrive(steps, seed):
+    """Prefill chunks and decode steps, with padding anywhere in a step: every aggregate after
+    every step equals the same aggregation over all scored tokens so far."""
+    specs = AGGS + [dict(aggregation="max_rolling_mean", window=1), dict(aggregation="max_rolling_mean", window=6)]
+    dets = [Detector(f"d{i}", "1", HookPoint.parse("blocks.0.resid_post"), affine(4, i), **spec)
+            for i, spec in enumerate(specs)]
+    bank = DetectorBank(dets)
+    rng = np.random.default_rng(seed)
+    state, seen = bank.state(1), []
+    for scored, padded in steps:
+        x = rng.normal(0, 3, (1, scored + padded, len(specs))).astype(np.float32)
+        mask = np.zeros((1, scored + padded), bool)
+        mask[0, rng.choice(scored + padded, scored, replace=False)] = True
+        state.begin_step(1, scored + padded)
+        state.step_logits = torch.from_numpy(x)
+        out = state.update(torch.from_numpy(mask)).numpy()[0]
+        seen += list(x[0, mask[0]])
+        expect = [reference(np.array(seen)[:, i], spec) for i, spec in enumerate(specs)]
+        np.testing.assert_allclose(out, expect, rtol=1e-5, atol=1e-4)

@@ -18,9 +18,9 @@ PROMPTS = ["Once upon a time", "Tell me about the tides and the moon", "Why?"]
 
 def bank_for(runner):
     g = torch.Generator().manual_seed(0)
-    heads = [ScoringHead(torch.randn(runner.d_model, 1, generator=g) * 0.2, torch.zeros(1)) for _ in range(4)]
     aggs = [{"aggregation": "mean"}, {"aggregation": "max"}, {"aggregation": "ema", "alpha": 0.2},
-            {"aggregation": "rolling_max", "window": 3}]
+            {"aggregation": "rolling_max", "window": 3}, {"aggregation": "max_rolling_mean", "window": 4}]
+    heads = [ScoringHead(torch.randn(runner.d_model, 1, generator=g) * 0.2, torch.zeros(1)) for _ in aggs]
     return DetectorBank([Detector(f"d{i}", "1", HookPoint.parse("blocks.1.resid_post"), h, **a)
                          for i, (h, a) in enumerate(zip(heads, aggs))], device=runner.device)
 

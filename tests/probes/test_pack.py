@@ -251,6 +251,7 @@ def test_load_packs_refuses_duplicate_ids(pack_dir, tmp_path, probe):
         {"kind": "mean", "alpha": 0.5},
         {"kind": "rolling_max"},
         {"kind": "rolling_max", "window": 0},
+        {"kind": "max_rolling_mean"},
         {"kind": "max", "window": 4},
     ],
 )
@@ -262,6 +263,7 @@ def test_aggregation_params_match_kind(agg):
 def test_valid_aggregations():
     assert Aggregation(kind="ema", alpha=1.0).alpha == 1.0
     assert Aggregation(kind="rolling_max", window=8).window == 8
+    assert Aggregation(kind="max_rolling_mean", window=16).window == 16
     assert Aggregation(kind="last").alpha is None
 
 
