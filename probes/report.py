@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 from matplotlib import colormaps
 from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.colors import to_hex
+from matplotlib.colors import TwoSlopeNorm, to_hex
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from sklearn.metrics import roc_auc_score, roc_curve
@@ -42,6 +42,7 @@ METRIC_LABELS = {
 }
 CSV_FIELDS = ("eval_set", "method", "n", "n_pos", "n_neg", *METRICS, "threshold")
 HEAT_CMAP = colormaps["YlOrRd"]
+DIVERGING_CMAP = colormaps["RdBu_r"]  # token scores around the threshold: blue, white at it, red
 TIE = 0.005  # operating-point differences below this are reported as ties
 # eval sets holding harmful requests inside jailbreak wrappers (names from probes.recipes)
 WRAPPED = re.compile(r"^(jbb_artifacts/|dan_wrapped|future_tense)")
@@ -263,20 +264,32 @@ def sweep_plot(report: ReportData) -> str | None:
 # --------------------------------------------------------------------------------- heatmaps
 
 
-def score_colour(score: float) -> str:
-    """Background colour of a token with this score (shared by the legend and the tests)."""
-    return to_hex(HEAT_CMAP(float(np.clip(score, 0, 1))))
+def score_colour(score: float, threshold: float | None = None) -> str:
+    """Background colour of a token with this score (shared by the legend and the tests).
+
+    With the probe's `threshold` the scale diverges there: blue below, white at it, red above, so a
+    benign token at 0.3 under a threshold of 0.9 reads as safe; without one (latent activations
+    relative to their peak) it runs from pale yellow to dark red."""
+    return to_hex(_rgba(score, threshold))
 
 
-def text_colour(score: float) -> str:
-    r, g, b, _ = HEAT_CMAP(float(np.clip(score, 0, 1)))
+def text_colour(score: float, threshold: float | None = None) -> str:
+    r, g, b, _ = _rgba(score, threshold)
     return "#111" if 0.299 * r + 0.587 * g + 0.114 * b > 0.55 else "#fff"
 
 
-def heatmap_html(h: Heatmap) -> str:
+def _rgba(score: float, threshold: float | None):
+    x = float(np.clip(score, 0, 1))
+    if threshold is None:
+        return HEAT_CMAP(x)
+    centre = float(np.clip(threshold, 1e-6, 1 - 1e-6))
+    return DIVERGING_CMAP(float(TwoSlopeNorm(centre, vmin=0.0, vmax=1.0)(x)))
+
+
+def heatmap_html(h: Heatmap, threshold: float | None) -> str:
     spans = "".join(
-        f'<span class="tok" title="{s:.3f}" style="background:{score_colour(s)};color:{text_colour(s)}">'
-        f"{html.escape(t)}</span>"
+        f'<span class="tok" title="{s:.3f}" style="background:{score_colour(s, threshold)};'
+        f'color:{text_colour(s, threshold)}">{html.escape(t)}</span>'
         for t, s in h.tokens
     )
     context = f'<span class="ctx">{html.escape(h.context)}</span>' if h.context else ""
@@ -285,7 +298,8 @@ def heatmap_html(h: Heatmap) -> str:
 
 
 def legend_html(threshold: float | None) -> str:
-    stops = ", ".join(f"{score_colour(x)} {x * 100:.0f}%" for x in np.linspace(0, 1, 11))
+    stops = ", ".join(f"{score_colour(x, threshold)} {x * 100:.1f}%"
+                      for x in sorted({*np.linspace(0, 1, 21).tolist(), *([threshold] if threshold else [])}))
     mark = (f'<span class="thr" style="left:{threshold * 100:.1f}%" title="threshold">'
             f"threshold {threshold:.3g}</span>") if threshold is not None else ""
     return (f'<div class="legend"><span>0</span><div class="bar" style="background:linear-gradient(to right, {stops})">'
@@ -402,7 +416,8 @@ def render_html(report: ReportData, rows: list[dict[str, Any]], vs: list[dict[st
     """The whole page as one string (no external resources)."""
     roc, sweep = roc_plot(report), sweep_plot(report)
     threshold = report.methods[report.primary].threshold
-    heat = (legend_html(threshold) + "".join(heatmap_html(h) for h in report.heatmaps)) if report.heatmaps else (
+    heat = (legend_html(threshold) + "".join(heatmap_html(h, threshold) for h in report.heatmaps)) \
+        if report.heatmaps else (
         '<p class="muted">No examples.</p>')
     notes = "".join(f"<li>{html.escape(n)}</li>" for n in report.notes)
     stamp = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")

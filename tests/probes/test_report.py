@@ -135,9 +135,9 @@ def test_html_renders_offline_in_headless_chromium(written, tmp_path):
     assert int(attrs["tokens"]) == n_tokens and attrs["tokens-coloured"] == attrs["tokens"]
     spans = re.findall(r'<span class="tok" title="([\d.]+)" style="background:\s*(#[0-9a-f]{6})', proc.stdout)
     assert len(spans) == n_tokens
-    expected = [(f"{s:.3f}", score_colour(s)) for h in report.heatmaps for _, s in h.tokens]
+    threshold = report.methods[report.primary].threshold
+    expected = [(f"{s:.3f}", score_colour(s, threshold)) for h in report.heatmaps for _, s in h.tokens]
     assert spans == expected
-    assert score_colour(0.0) != score_colour(1.0)
     assert "&lt;bomb&gt;" in proc.stdout and "<bomb>" not in proc.stdout  # token text escaped
     for title in (h.title for h in report.heatmaps):
         assert title in proc.stdout
@@ -176,3 +176,18 @@ def test_build_report_data_on_a_tiny_model(tmp_path):
         assert h.context + "".join(t for t, _ in h.tokens) in rendered
         assert all(0 <= s <= 1 for _, s in h.tokens)
     assert write_report(tmp_path, data).exists()
+
+
+def test_token_colours_diverge_at_the_threshold():
+    """Blue below the probe's threshold, white at it, red above: a hot benign token is not red."""
+    def rgb(score, threshold):
+        hexa = score_colour(score, threshold)
+        return tuple(int(hexa[i:i + 2], 16) for i in (1, 3, 5))
+
+    for threshold in (0.2, 0.5, 0.95):
+        r, g, b = rgb(threshold, threshold)
+        assert min(r, g, b) > 230  # white-ish at the threshold itself
+        below, above = rgb(threshold / 2, threshold), rgb((1 + threshold) / 2, threshold)
+        assert below[2] > below[0] and above[0] > above[2]
+    assert rgb(0.88, 0.95)[2] > rgb(0.88, 0.95)[0]  # " I" at 0.88 under 0.95: not a warning colour
+    assert score_colour(0.0) != score_colour(1.0)  # without a threshold: the sequential scale
