@@ -86,8 +86,12 @@ def load_recipe(recipe: str, datasets: str | None, seed: int):
 
 LOGISTIC_GRID = [("logistic", {"C": c}) for c in (0.01, 0.1, 1.0)]
 SAE_PROBE_GRID = [("sae_probe", {"C": c}) for c in (0.03, 0.1, 0.3)]
+# v2: ranked by leave-one-source-out scores; the winner's serving aggregation chosen through the bank
+WINDOWS = [{"kind": "mean"}] + [{"kind": "max_rolling_mean", "window": w} for w in (4, 8, 16)]
 RECIPE_SWEEPS = {
     "harmful_intent": {"probes": LOGISTIC_GRID, "pools": ["mean", "last"], "calibration": "dev_benign"},
+    "harmful_intent_v2": {"probes": LOGISTIC_GRID, "pools": ["mean", "last"], "calibration": "dev_benign",
+                          "selection": "loso", "aggregations": WINDOWS, "sites": ("resid_post", "mlp_out", "attn_out")},
     "deception": {"probes": [*LOGISTIC_GRID, ("lat", {}), ("diff_means", {})], "pools": ["mean"],
                   "calibration": "dev_honest", "enabled_by_default": False,
                   "description": "Apollo-style instructed-pairs deception probe. Off by default: check the "
@@ -96,10 +100,13 @@ RECIPE_SWEEPS = {
 }
 
 
-def sweep_hook_points(num_layers: int) -> list[str]:
-    """Residual stream from ~15% to ~80% of depth, every depth/15 blocks: 4, 6, ..., 24 on a 30-block model."""
+def sweep_hook_points(num_layers: int, sites: tuple[str, ...] = ("resid_post",)) -> list[str]:
+    """Residual stream from ~15% to ~80% of depth, every depth/15 blocks: 4, 6, ..., 24 on a 30-block model;
+    other `sites` (mlp_out, attn_out) at ~40% and ~60% of depth."""
     last = min(round(0.8 * num_layers), num_layers - 1)
-    return [f"blocks.{i}.resid_post" for i in range(round(0.14 * num_layers), last + 1, max(1, num_layers // 15))]
+    points = [f"blocks.{i}.resid_post" for i in range(round(0.14 * num_layers), last + 1, max(1, num_layers // 15))]
+    return points + [f"blocks.{round(f * num_layers)}.{site}" for site in sites if site != "resid_post"
+                     for f in (0.4, 0.6)]
 
 
 def check_train_options(kind: list[str] | None, hook_point: list[str] | None, pool: list[str] | None) -> None:
@@ -123,7 +130,8 @@ def check_train_options(kind: list[str] | None, hook_point: list[str] | None, po
 @app.command()
 def train(
     out_dir: Annotated[Path, typer.Option("--out", help="folder to write the probe pack to")],
-    recipe: Annotated[str | None, typer.Option(help="harmful_intent or deception (reads ../shared/datasets)")] = None,
+    recipe: Annotated[str | None, typer.Option(help="harmful_intent, harmful_intent_v2 or deception "
+                                               "(reads ../shared/datasets)")] = None,
     data: Annotated[Path | None, typer.Option(help="labelled JSONL: {text|messages, label}")] = None,
     val: Annotated[Path | None, typer.Option(help="more labelled JSONL, pooled with --data")] = None,
     calibration: Annotated[Path | None, typer.Option(help="benign JSONL to calibrate on "
@@ -191,7 +199,7 @@ def train(
         encode_rows(runner, rows, chat=not raw, source=source)
     spec = TrainSpec(
         pack_id=pack_id or recipe or out_dir.name.replace(" ", "_").lower(),
-        hook_points=hook_point or sweep_hook_points(runner.hooks.num_layers),
+        hook_points=hook_point or sweep_hook_points(runner.hooks.num_layers, sweep.get("sites", ("resid_post",))),
         probes=[(k, {}) for k in kind] if kind else SAE_PROBE_GRID if sae else sweep.get("probes", [("logistic", {})]),
         pools=pool or (["mean", "max"] if sae else sweep.get("pools", ["mean", "last"])),
         sae=sae,
@@ -200,6 +208,8 @@ def train(
         seed=seed,
         batch_size=batch_size,
         folds=folds,
+        selection=sweep.get("selection", "cv"),
+        aggregations=sweep.get("aggregations"),
         description=f"SAE-feature detector on the latents of SAE {sae}" if sae else sweep.get("description", ""),
         # an SAE's encoder costs decode speed: a shipped feature detector is served when asked for
         enabled_by_default=not sae and sweep.get("enabled_by_default", True),
@@ -217,12 +227,24 @@ def train(
 
 
 def print_metrics(metrics: dict[str, dict[str, float]]) -> None:
+    """Held-out sets at the pack's threshold; then, where the pack has them, each source held out."""
     table = Table("set", "n+", "n-", "AUROC", "AUPRC", "recall@1%FPR", "recall@thr", "FPR@thr")
     fmt = lambda d, k: f"{d[k]:.3f}" if k in d else "-"  # noqa: E731
+    loso = {k: d for k, d in metrics.items() if k == "loso" or k.startswith("loso/")}
     for name, d in metrics.items():
+        if name in loso:
+            continue
         table.add_row(name, str(int(d.get("n_pos", 0))), str(int(d.get("n_neg", 0))), fmt(d, "auroc"), fmt(d, "auprc"),
                       fmt(d, "recall_at_1pct_fpr"), fmt(d, "recall_at_threshold"), fmt(d, "fpr_at_threshold"))
     out.print(table)
+    if loso:
+        table = Table("held-out source", "n", "AUROC", "recall@1%FPR", "FPR@1%FPR",
+                      title="leave one source out (each scored by a model that never saw it)")
+        for name, d in loso.items():
+            n = d.get("n_pos", d.get("n_neg"))
+            table.add_row("all (pooled)" if name == "loso" else name[5:], "-" if n is None else str(int(n)),
+                          fmt(d, "auroc"), fmt(d, "recall_at_1pct_fpr"), fmt(d, "fpr_at_1pct_fpr"))
+        out.print(table)
 
 
 # ------------------------------------------------------------------------------------- eval

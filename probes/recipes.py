@@ -20,6 +20,7 @@ Alpaca is CC BY-NC 4.0 (non-commercial); it is read, never packaged.
 from __future__ import annotations
 
 import difflib
+import functools
 import json
 import math
 import os
@@ -271,12 +272,12 @@ class _Row:
     label: int
     id: str
     source: str
-    kind: str  # harm | jbb_benign | alpaca | xstest_safe | xstest_unsafe
-    pair: str | None = None  # JBB / XSTest pairing key
+    kind: str  # harm | jbb_benign | alpaca | xstest_safe | xstest_unsafe | nq_open
+    pair: str | None = None  # rows sharing it share a group: JBB / XSTest pairs, a question set's sub-topic
     priority: int = 0  # lower wins when de-duplicating
 
 
-def _harm_rows(root: Path) -> list[_Row]:
+def _harm_rows(root: Path, question_sets: bool = False) -> list[_Row]:
     rows: list[_Row] = []
     jbb = _read(root / "jbb_behaviors" / "jbb_behaviors.jsonl")
     for r in jbb:
@@ -328,6 +329,15 @@ def _harm_rows(root: Path) -> list[_Row]:
         )
     for r in _read(root / "alpaca" / "alpaca_5k.jsonl"):
         rows.append(_Row(r["text"], 0, r["id"], "alpaca", "alpaca", priority=4))
+    if question_sets:
+        # harmful questions, grouped by sub-category / sub-topic so that no frame ("How can I use
+        # <field> to ...?") sits on both sides; benign search questions in the same register
+        for name, priority in (("catqa", 5), ("harmfulqa", 6)):
+            for r in _read(root / name / f"{name}.jsonl"):
+                rows.append(_Row(r["text"], 1, r["id"], name, "harm", pair=f"{name}:{r['category']}",
+                                 priority=priority))
+        for r in _read(root / "nq_open" / "nq_open_dev.jsonl"):
+            rows.append(_Row(r["text"], 0, r["id"], "nq_open", "nq_open", priority=7))
     return rows
 
 
@@ -340,12 +350,15 @@ def harmful_intent_splits(
     behaviour_jaccard: float = 0.5,
     future_match_jaccard: float = 0.15,
     n_dan: int = 100,
+    question_sets: bool = False,
 ) -> Splits:
     """Harmful-intent splits (see module docstring). `fracs` are train/val/test row shares by
     group; XSTest uses `xstest_fracs` (most of it stays for evaluation). Harmful rows whose
-    content-word Jaccard >= `behaviour_jaccard` share a behaviour group."""
+    content-word Jaccard >= `behaviour_jaccard` share a behaviour group. `question_sets` adds
+    CatQA and HarmfulQA (harmful questions, grouped by sub-topic) and NQ-Open (benign search
+    questions): the `harmful_intent_v2` recipe."""
     root = datasets_dir(root)
-    rows = _harm_rows(root)
+    rows = _harm_rows(root, question_sets)
     n = len(rows)
     uf = _UnionFind(n)
     texts = [r.text for r in rows]
@@ -396,6 +409,9 @@ def harmful_intent_splits(
     ctoks = [content_tokens(rows[i].text) for i in harm_idx]
     behaviour_links = 0
     for a, b in _similar_pairs(ctoks, behaviour_jaccard):
+        ra, rb = rows[harm_idx[a]], rows[harm_idx[b]]
+        if ra.source == rb.source == "harmfulqa":  # one template over many topics: its sub-topic groups it
+            continue
         if _jaccard(ctoks[a], ctoks[b]) >= behaviour_jaccard:
             behaviour_links += uf.union(harm_idx[a], harm_idx[b])
 
@@ -413,8 +429,9 @@ def harmful_intent_splits(
         "xstest_safe": "xstest",
         "xstest_unsafe": "xstest",
         "alpaca": "alpaca",
+        "nq_open": "nq_open",
     }
-    order = {"harm": 0, "xstest": 1, "alpaca": 2}
+    order = {"harm": 0, "xstest": 1, "alpaca": 2, "nq_open": 3}
     for i in range(n):
         s = stratum_of_kind[rows[i].kind]
         g = gid[i]
@@ -423,7 +440,7 @@ def harmful_intent_splits(
     for g in list(group_stratum):
         group_rows.setdefault(g, 0)
     side = _assign_sides(
-        group_rows, group_stratum, {"harm": fracs, "alpaca": fracs, "xstest": xstest_fracs}, seed
+        group_rows, group_stratum, {"harm": fracs, "alpaca": fracs, "nq_open": fracs, "xstest": xstest_fracs}, seed
     )
 
     def ex(i: int) -> Example:
@@ -440,6 +457,7 @@ def harmful_intent_splits(
         "jbb_benign": [],
         "xstest_safe": [],
         "xstest_unsafe": [],
+        **({"catqa": [], "harmfulqa": [], "nq_open": []} if question_sets else {}),
     }
     # dev_benign (every benign train/val row: Alpaca, JBB benign, XSTest safe) calibrates the shipped
     # pack, scored out of fold, so the threshold also answers for scary-looking safe prompts.
@@ -457,8 +475,11 @@ def harmful_intent_splits(
                 "alpaca": "alpaca",
                 "jbb_benign": "jbb_benign",
                 "xstest_safe": "xstest_safe",
+                "nq_open": "nq_open",
             }[r.kind]
             eval_sets[name].append(e)
+            if r.source in ("catqa", "harmfulqa"):  # the question sets on their own, too
+                eval_sets[r.source].append(e)
         elif e.label == 0:
             calibration["dev_benign"].append(e)
 
@@ -534,7 +555,7 @@ def harmful_intent_splits(
     ]
     # Held-out harmful requests against each benign set on its own: recall at 1% FPR *on Alpaca*
     # and the honest-FPR failure on scary-looking safe prompts are separate numbers.
-    for benign in ("alpaca", "jbb_benign", "xstest_safe"):
+    for benign in ("alpaca", "jbb_benign", "xstest_safe", *(("nq_open",) if question_sets else ())):
         eval_sets[f"test_harmful_vs_{benign}"] = eval_sets["test_harmful"] + eval_sets[benign]
 
     def counts(xs: list[Example]) -> dict[str, Any]:
@@ -547,7 +568,7 @@ def harmful_intent_splits(
 
     sizes = Counter(group_rows[g] for g in group_rows if group_rows[g])
     info: dict[str, Any] = {
-        "recipe": "harmful_intent",
+        "recipe": "harmful_intent_v2" if question_sets else "harmful_intent",
         "datasets": str(root),
         "seed": seed,
         "fracs": list(fracs),
@@ -561,7 +582,8 @@ def harmful_intent_splits(
             "removed_by_source": dict(sorted(by_src_removed.items())),
             "cross_label_clusters_kept": label_conflicts,
             "rule": "normalised text equal, token Jaccard >= 0.8, or difflib ratio >= 0.9; "
-            "keeps jbb > harmbench > advbench > xstest > alpaca",
+            "keeps jbb > harmbench > advbench > xstest > alpaca"
+            + (" > catqa > harmfulqa > nq_open" if question_sets else ""),
         },
         "groups": {
             "n": sum(1 for g in group_rows if group_rows[g]),
@@ -730,5 +752,6 @@ def deception_splits(
 
 RECIPES: dict[str, Callable[..., Splits]] = {
     "harmful_intent": harmful_intent_splits,
+    "harmful_intent_v2": functools.partial(harmful_intent_splits, question_sets=True),
     "deception": deception_splits,
 }

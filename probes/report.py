@@ -84,6 +84,8 @@ class ReportData:
     heatmaps: list[Heatmap] = field(default_factory=list)
     manifest: dict[str, Any] = field(default_factory=dict)  # pack summary shown as a table
     notes: list[str] = field(default_factory=list)
+    # each source held out (probes.loso): method -> unit name -> metrics; "all (pooled)" first
+    loso: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.primary not in self.methods:
@@ -385,6 +387,27 @@ def _table_html(report: ReportData, rows: list[dict[str, Any]]) -> str:
             f"</tr></thead><tbody>{''.join(body)}</tbody></table>")
 
 
+def _loso_html(report: ReportData) -> str:
+    if not report.loso:
+        return ('<p class="muted">The pack records no leave-one-source-out numbers (train it with '
+                "<code>--recipe harmful_intent_v2</code>, or any recipe selected by held-out source).</p>")
+    methods = list(report.loso)
+    head = "".join(f"<th>{html.escape(k)} AUROC</th><th>{html.escape(k)} recall / FPR</th>" for k in methods)
+    body = []
+    for unit in report.loso[methods[0]]:
+        cells = []
+        for k in methods:
+            d = report.loso[k].get(unit, {})
+            rate = d.get("recall_at_1pct_fpr", d.get("fpr_at_1pct_fpr"))
+            cells.append(f"<td>{_fmt(d.get('auroc'))}</td><td>{_fmt(rate)}</td>")
+        d = report.loso[methods[0]][unit]
+        n = d.get("n_pos", d.get("n_neg"))
+        body.append(f'<tr><td class="l">{html.escape(unit)}</td><td>{"" if n is None else int(n)}</td>'
+                    f"{''.join(cells)}</tr>")
+    return (f'<table><thead><tr><th class="l">held-out source</th><th>n</th>{head}</tr></thead>'
+            f"<tbody>{''.join(body)}</tbody></table>")
+
+
 def _verdicts_html(report: ReportData, vs: list[dict[str, Any]]) -> str:
     if not vs:
         return '<p class="muted">No calibrated baseline to compare with.</p>'
@@ -431,6 +454,11 @@ def render_html(report: ReportData, rows: list[dict[str, Any]], vs: list[dict[st
 <section><h2>Results</h2><p class="muted">Recall / FPR @thr use each method's own threshold, calibrated at the
 same target FPR on the same benign set as the probe's. Best value per eval set in bold.</p>
 {_table_html(report, rows)}</section>
+<section><h2>Each source held out</h2><p class="muted">Each source (and label) held out in turn with its groups;
+every row scored by a model that never saw its source. Harmful sources: AUROC against every benign row and recall
+at the threshold that flags 1% of the benign rows; benign sources: AUROC of every harmful row against it and its
+FPR at that threshold. The pooled test split above mixes every source into training; this does not.</p>
+{_loso_html(report)}</section>
 <section><h2>ROC curves</h2>{roc or '<p class="muted">The combined set lacks one of the labels.</p>'}</section>
 <section><h2>Score histograms ({html.escape(report.primary)})</h2>{histogram_plot(report)}</section>
 <section><h2>Layer sweep</h2>{sweep or '<p class="muted">No sweep recorded in the manifest.</p>'}</section>
@@ -459,6 +487,7 @@ def write_report(out_dir: str | Path, report: ReportData) -> Path:
         "results": rows,
         "verdicts": vs,
         "sweep": report.sweep,
+        "loso": report.loso,
         "notes": report.notes,
     }
     (out / "results.json").write_text(json.dumps(_clean(summary), indent=2), encoding="utf-8")
@@ -559,6 +588,7 @@ def build_report_data(runner, pack, splits, *, compare=(), baselines: bool = Tru
                 b.calibrate(benign, target)
             methods[b.name] = MethodScores({k: np.array([by_example[e] for e in v]) for k, v in sets.items()},
                                            b.threshold, b.description)
+    loso = _loso_methods(pack, splits.train + splits.val if baselines else [], seed)
     heatmaps = []
     picked = _heatmap_examples(sets, n_heatmaps, seed)
     if picked:
@@ -582,4 +612,26 @@ def build_report_data(runner, pack, splits, *, compare=(), baselines: bool = Tru
         heatmaps=heatmaps,
         manifest=summary,
         notes=notes,
+        loso=loso,
     )
+
+
+def _loso_methods(pack, dev: list, seed: int) -> dict[str, dict[str, dict[str, float]]]:
+    """The pack's leave-one-source-out numbers (from its manifest) and, given its training rows, the
+    TF-IDF baseline's, fitted on the same folds."""
+    from probes.baselines import TfidfBaseline
+    from probes.loso import held_out_scores, unit_folds, unit_metrics
+
+    recorded = {k: v for k, v in pack.manifest.metrics.items() if k == "loso" or k.startswith("loso/")}
+    if not recorded:
+        return {}
+    out = {"probe": {("all (pooled)" if k == "loso" else k[5:]): v for k, v in recorded.items()}}
+    if dev:
+        def fit(train):
+            baseline = TfidfBaseline(seed=seed).fit([dev[i] for i in train])
+            return lambda held: baseline.scores([dev[i] for i in held])
+
+        folds = unit_folds(dev)
+        tfidf = unit_metrics(dev, folds, held_out_scores(folds, fit, len(dev)))
+        out["tfidf"] = {"all (pooled)": {k: v for k, v in tfidf.items() if k != "units"}, **tfidf["units"]}
+    return out

@@ -9,6 +9,12 @@ behaviour never sits on both sides of a fold): every candidate is ranked by its 
 the winner is refitted on all of the data, and benign calibration rows that were trained on are
 scored by the fold model that did not see them. All labelled data trains the shipped probe, and
 the threshold still comes from scores on unseen rows.
+
+With `selection="loso"` candidates are ranked by leave-one-source-out scores instead
+(`probes.loso`: each source held out in turn), the pooled k-fold AUROC still reported beside
+them; `aggregations` then picks how the winner aggregates tokens when served, by scoring every
+training row through one detector bank that holds each held-out-source model under each
+candidate aggregation.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import datetime as dt
 import subprocess
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 from sklearn.metrics import roc_auc_score
@@ -29,6 +36,7 @@ from monitor.runner import ModelRunner, encode_all
 from probes.data import Example, data_sha256
 from probes.evaluate import binary_metrics, threshold_at_fpr
 from probes.kinds import probe_kind
+from probes.loso import held_out_scores, unit_folds, unit_metrics
 from probes.pack import Aggregation, Calibration, Manifest, ProbePack
 
 
@@ -49,6 +57,10 @@ class TrainSpec:
     seed: int = 0
     batch_size: int = 16
     folds: int = 5
+    # "cv": rank by pooled k-fold AUROC; "loso": by leave-one-source-out AUROC, then recall at 1% FPR
+    selection: Literal["cv", "loso"] = "cv"
+    # serving aggregations to choose from through the bank (with selection="loso"); None: the pool
+    aggregations: list[dict] | None = None
     description: str = ""
     enabled_by_default: bool = True
 
@@ -152,24 +164,65 @@ def sweep(runner: ModelRunner, data: TrainData, spec: TrainSpec, *, progress: bo
     if len(set(y)) < 2:
         raise ValueError("the training data must contain both labels (0 and 1)")
     folds = dev_folds(data.dev, spec.folds, spec.seed)
+    units = unit_folds(data.dev) if spec.selection == "loso" else None
     items = encode_all(runner, data.dev, chat=spec.input_format == "chat")
     acts = runner.capture(items, points, batch_size=spec.batch_size, progress=progress,
                           encode=None if sae is None else sae.to(runner.device).encode)
-    table = []
+    table, by_unit = [], {}
     for point, kind, config, pool in tqdm(candidates, desc=f"{spec.folds}-fold cross-validation", unit="candidate",
                                           disable=not progress):
         x = acts[(point, pool)]
         oof = np.zeros(len(y))
         for train, held in folds:
             oof[held] = _fit(kind, config, spec.seed, x[train], y[train]).decision_function(x[held])
-        table.append({"hook_point": str(point), "kind": kind, "config": config, "pool": pool,
-                      "cv_auroc": float(roc_auc_score(y, oof))})
-    # Highest out-of-fold AUROC; ties go to the shallower hook point (cheaper early stop).
-    best = dict(max(table, key=lambda r: (round(r["cv_auroc"], 4), -HookPoint.parse(r["hook_point"]).layer)))
+        row = {"hook_point": str(point), "kind": kind, "config": config, "pool": pool,
+               "cv_auroc": float(roc_auc_score(y, oof))}
+        if units is not None:
+            def scorer(train, x=x, kind=kind, config=config):
+                probe = _fit(kind, config, spec.seed, x[train], y[train])
+                return lambda held: probe.decision_function(x[held])
+
+            loso = unit_metrics(data.dev, units, held_out_scores(units, scorer, len(y)))
+            row |= {f"loso_{k}": v for k, v in loso.items() if k != "units"}
+            by_unit[len(table)] = loso
+        table.append(row)
+    if units is None:  # highest out-of-fold AUROC; ties go to the shallower hook point (cheaper early stop)
+        rank = lambda r: (round(r["cv_auroc"], 4), -HookPoint.parse(r["hook_point"]).layer)  # noqa: E731
+    else:  # a source never seen, then the rate at a strict threshold, then depth
+        rank = lambda r: (round(r["loso_auroc"], 4), round(r["loso_recall_at_1pct_fpr"], 4),  # noqa: E731
+                          -HookPoint.parse(r["hook_point"]).layer)
+    pick = max(range(len(table)), key=lambda i: rank(table[i]))
+    best = dict(table[pick])
     x = acts[(runner.hooks.resolve(best["hook_point"]), best["pool"])]
     fit = lambda idx: _fit(best["kind"], best["config"], spec.seed, x[idx], y[idx], sae)  # noqa: E731
     best |= {"probe": fit(np.arange(len(y))), "fold_probes": [fit(train) for train, _ in folds], "folds": folds}
+    if units is not None:
+        best |= {"loso": by_unit[pick], "units": units, "unit_probes": [fit(train) for _, train, _ in units]}
     return best, table
+
+
+def choose_aggregation(runner: ModelRunner, pack: ProbePack, data: TrainData, spec: TrainSpec, best: dict, *,
+                       progress: bool = False) -> tuple[Aggregation, list[dict]]:
+    """Score every training row through one bank that holds each held-out-source model under each of
+    `spec.aggregations`, read each row from the model that never saw its source, and keep the
+    aggregation with the best leave-one-source-out numbers (ties: the earlier in the list)."""
+    m, units = pack.manifest, best["units"]
+    aggs = [Aggregation(**a) for a in spec.aggregations]
+    packs = [ProbePack(m.model_copy(update={"id": f"{m.id}-a{a}-u{k}", "aggregation": agg}), probe)
+             for a, agg in enumerate(aggs) for k, probe in enumerate(best["unit_probes"])]
+    scores = bank_scores(runner, packs, data.dev, batch_size=spec.batch_size, progress=progress)
+    unit_of = np.empty(len(data.dev), dtype=int)
+    for k, (_, _, held) in enumerate(units):
+        unit_of[held] = k
+    table = []
+    for a, agg in enumerate(aggs):
+        col = scores[np.arange(len(data.dev)), a * len(units) + unit_of]
+        loso = unit_metrics(data.dev, units, col)
+        table.append({"aggregation": agg.model_dump(exclude_none=True), "loso": loso,
+                      **{f"loso_{k}": v for k, v in loso.items() if k != "units"}})
+    pick = max(range(len(aggs)), key=lambda i: (round(table[i]["loso_auroc"], 4),
+                                                 round(table[i]["loso_recall_at_1pct_fpr"], 4), -i))
+    return aggs[pick], table
 
 
 def bank_scores(runner: ModelRunner, packs: list[ProbePack], examples: list[Example], *, batch_size: int = 16,
@@ -250,6 +303,11 @@ def train_pack(runner: ModelRunner, data: TrainData, spec: TrainSpec, *, progres
         enabled_by_default=spec.enabled_by_default,
     )
     pack = ProbePack(manifest, probe)
+    aggregation_table = None
+    if spec.aggregations and "units" in best:
+        manifest.aggregation, aggregation_table = choose_aggregation(runner, pack, data, spec, best, progress=progress)
+        best["loso"] = next(r["loso"] for r in aggregation_table
+                            if r["aggregation"] == manifest.aggregation.model_dump(exclude_none=True))
     fold_of = held_out_fold(data.dev, best["folds"])
     cal = out_of_fold_scores(runner, pack, best["fold_probes"], fold_of, data.calibration,
                              batch_size=spec.batch_size, progress=progress)
@@ -260,6 +318,10 @@ def train_pack(runner: ModelRunner, data: TrainData, spec: TrainSpec, *, progres
                                        target_fpr=spec.target_fpr, benign_set=data.calibration_name,
                                        n_benign=len(data.calibration), achieved_fpr=achieved)
     manifest.metrics = evaluate_sets(runner, pack, data.eval_sets, batch_size=spec.batch_size, progress=progress)
+    if "loso" in best:  # a source never seen: in the manifest beside the held-out sets
+        loso = best["loso"]
+        manifest.metrics["loso"] = {k: v for k, v in loso.items() if k != "units"}
+        manifest.metrics |= {f"loso/{name}": m for name, m in loso["units"].items()}
     params = asdict(spec)
     manifest.provenance = {
         "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
@@ -273,10 +335,14 @@ def train_pack(runner: ModelRunner, data: TrainData, spec: TrainSpec, *, progres
         "n_train": len(data.dev),
         "n_calibration_out_of_fold": oof,
         "selection": {
-            "rule": f"highest {spec.folds}-fold grouped cross-validated AUROC (out-of-fold scores); ties to the "
-                    "shallower hook point; the winner is refitted on all training rows",
-            "chosen": {k: best[k] for k in ("hook_point", "kind", "config", "pool", "cv_auroc")},
+            "rule": (f"highest {spec.folds}-fold grouped cross-validated AUROC (out-of-fold scores); ties to the "
+                     "shallower hook point; the winner is refitted on all training rows") if spec.selection == "cv"
+            else ("highest leave-one-source-out AUROC (each source and label held out with its groups), then "
+                  "recall at 1% FPR, then the shallower hook point; the winner is refitted on all training rows"),
+            "chosen": {k: v for k, v in best.items() if k in table[0]},
             "sweep": table,
+            **({"aggregations": [{k: v for k, v in r.items() if k != "loso"} for r in aggregation_table]}
+               if aggregation_table else {}),
         },
         "latentwatch_version": _version(),
     }

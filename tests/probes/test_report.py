@@ -178,6 +178,34 @@ def test_build_report_data_on_a_tiny_model(tmp_path):
     assert write_report(tmp_path, data).exists()
 
 
+def test_a_pack_selected_by_held_out_source_reports_each_source_beside_tfidf(tmp_path):
+    from probes.data import Example
+    from probes.recipes import Splits
+    from probes.report import build_report_data
+    from probes.train import TrainData, TrainSpec, train_pack
+    from tests.probes.test_baselines import BENIGN, HARMFUL
+    from tests.tiny import tiny_runner
+
+    def rows(texts, label, source):
+        return [Example(text=f"{t} ({source}{i})", label=label, id=f"{source}{i}", source=source)
+                for i, t in enumerate(texts)]
+
+    runner = tiny_runner("llama")
+    dev = rows(HARMFUL, 1, "adv") + rows(HARMFUL[::-1], 1, "hb") + rows(BENIGN, 0, "alp") + rows(BENIGN, 0, "nq")
+    test = rows(HARMFUL, 1, "t") + rows(BENIGN, 0, "u")
+    spec = TrainSpec(pack_id="tiny", hook_points=["blocks.1.resid_post"], batch_size=8, folds=3, selection="loso")
+    pack, _ = train_pack(runner, TrainData(dev, "benign", [e for e in dev if e.label == 0]), spec, progress=False)
+    splits = Splits(dev, [], test, calibration={"benign": [e for e in dev if e.label == 0]})
+    data = build_report_data(runner, pack, splits, n_heatmaps=0, batch_size=8, progress=False)
+    units = ["all (pooled)", "adv (harmful)", "hb (harmful)", "alp (benign)", "nq (benign)"]
+    assert list(data.loso) == ["probe", "tfidf"] and list(data.loso["probe"]) == units
+    assert set(data.loso["tfidf"]) == set(units)
+    assert data.loso["probe"]["adv (harmful)"] == pack.manifest.metrics["loso/adv (harmful)"]
+    page = write_report(tmp_path, data).read_text()
+    assert "Each source held out" in page and all(u in page for u in units[1:])
+    assert json.loads((tmp_path / "results.json").read_text())["loso"]["tfidf"]["nq (benign)"]["n_neg"] == len(BENIGN)
+
+
 def test_token_colours_diverge_at_the_threshold():
     """Blue below the probe's threshold, white at it, red above: a hot benign token is not red."""
     def rgb(score, threshold):
