@@ -195,8 +195,7 @@ class MonitorService(pb_grpc.MonitorServicer):
             current.get().outcome = END_OUTCOME.get(stream.reason, "internal")
         finally:
             self.streams.discard(stream)
-            stream.closed = True
-            stream.job.cancel()  # a no-op once it ended; else its row leaves the batch before the next step
+            stream.close()
 
     async def ListDetectors(self, request, context) -> pb.ListDetectorsResponse:
         snap = self.snapshot

@@ -141,6 +141,16 @@ class GenerateStream:
         self.held: list[tuple] = []  # deliveries held meanwhile
         self.blocked_by: Rule | None = None  # the rule whose block ended the stream (its refusal is returned)
 
+    def close(self) -> None:
+        """The RPC is over: its job leaves the batch before the next step (a no-op once it ended), and
+        the two let go of each other. The job calls back into the stream, so without this every request
+        would be a reference cycle that only the cyclic GC frees, and in a large process that runs
+        rarely: the server's memory grew by megabytes a minute under steady load."""
+        self.closed = True
+        if self.job is not None:
+            self.job.cancel()
+            self.job = None
+
     def deliver(self, item: tuple) -> None:
         """Called on the model thread; the work happens on the loop."""
         try:

@@ -23,6 +23,7 @@ Accounting (nothing is lost silently):
 
 from __future__ import annotations
 
+import functools
 import logging
 import shutil
 import tempfile
@@ -613,17 +614,21 @@ def _upsert(
 ) -> None:
     """INSERT ... ON CONFLICT (keys) DO UPDATE (PostgreSQL and SQLite >= 3.24)."""
     if conn.dialect.name == "postgresql":
-        from sqlalchemy.dialects.postgresql import insert as dialect_insert
-
         rows = [{k: _without_nul(v) for k, v in row.items()} for row in rows]
+    conn.execute(_upsert_statement(conn.dialect.name, model.__table__, tuple(rows[0]), tuple(keys)), rows)
+
+
+@functools.lru_cache(maxsize=64)
+def _upsert_statement(dialect: str, table, columns: tuple[str, ...], keys: tuple[str, ...]):
+    """One statement per table and column set, reused: building one aliases the table (`excluded`),
+    a cycle of objects per write that only the cyclic GC would free."""
+    if dialect == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert as dialect_insert
     else:
         from sqlalchemy.dialects.sqlite import insert as dialect_insert
-    stmt = dialect_insert(model.__table__)
-    stmt = stmt.on_conflict_do_update(
-        index_elements=keys,
-        set_={c: stmt.excluded[c] for c in rows[0] if c not in keys},
-    )
-    conn.execute(stmt, rows)
+    stmt = dialect_insert(table)
+    return stmt.on_conflict_do_update(index_elements=list(keys),
+                                      set_={c: stmt.excluded[c] for c in columns if c not in keys})
 
 
 def _without_nul(value: Any) -> Any:
