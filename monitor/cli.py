@@ -97,6 +97,11 @@ RECIPE_SWEEPS = {
                   "description": "Apollo-style instructed-pairs deception probe. Off by default: check the "
                                  "liedetector_qa metrics for your model before enabling it (on SmolLM2-135M it "
                                  "is at chance there)."},
+    "deception_v2": {"probes": [*LOGISTIC_GRID, ("lat", {}), ("diff_means", {})], "pools": ["mean"],
+                     "calibration": "dev_honest", "enabled_by_default": False,
+                     "description": "Deception probe trained on instructed pairs and on LieDetector Q/A lies and "
+                                    "truths (its test questions held out). Off by default: read its liedetector_qa "
+                                    "numbers for your model before enabling it."},
 }
 
 
@@ -130,7 +135,7 @@ def check_train_options(kind: list[str] | None, hook_point: list[str] | None, po
 @app.command()
 def train(
     out_dir: Annotated[Path, typer.Option("--out", help="folder to write the probe pack to")],
-    recipe: Annotated[str | None, typer.Option(help="harmful_intent, harmful_intent_v2 or deception "
+    recipe: Annotated[str | None, typer.Option(help="harmful_intent, harmful_intent_v2, deception or deception_v2 "
                                                "(reads ../shared/datasets)")] = None,
     data: Annotated[Path | None, typer.Option(help="labelled JSONL: {text|messages, label}")] = None,
     val: Annotated[Path | None, typer.Option(help="more labelled JSONL, pooled with --data")] = None,

@@ -634,8 +634,15 @@ def deception_splits(
     val_frac: float = 0.2,
     max_train: int | None = None,
     max_eval: int | None = 1000,
+    qa_train: bool = False,
+    qa_test_frac: float = 0.3,
 ) -> Splits:
     """Apollo-style instructed pairs on RepE true facts (train/val), LieDetector Q/A as test.
+
+    With `qa_train` (the `deception_v2` recipe) LieDetector's questions are split too: a seeded
+    `qa_test_frac` of the questions (both answers of each) is the test set, the rest joins
+    training beside the instructed pairs, so the probe also learns from lies told in the Q/A form
+    it is tested on, never on a question it is tested with.
 
     Training pools train and val for cross-validation; `dev_honest` (their honest rows) is the
     calibration set.
@@ -712,6 +719,13 @@ def deception_splits(
             )
         )
     qa_all = len(qa)
+    qa_dev: list[Example] = []
+    if qa_train:
+        questions = sorted({e.group for e in qa})
+        random.Random(f"{seed}:liedetector_qa").shuffle(questions)
+        held = set(questions[: round(qa_test_frac * len(questions))])
+        qa_dev, qa = [e for e in qa if e.group not in held], [e for e in qa if e.group in held]
+        train += qa_dev
     qa = _subsample(qa, max_eval, seed, "liedetector_qa")
 
     def counts(xs: list[Example]) -> dict[str, int]:
@@ -722,7 +736,7 @@ def deception_splits(
         }
 
     info = {
-        "recipe": "deception",
+        "recipe": "deception_v2" if qa_train else "deception",
         "datasets": str(root),
         "seed": seed,
         "val_frac": val_frac,
@@ -735,7 +749,8 @@ def deception_splits(
         "scoring": f"assistant turn = statement minus its last {N_END_WORDS} words "
         f"(whole statement if <= {N_END_WORDS} words); score_suffix = that turn",
         "caps": {"max_train": max_train, "max_eval": max_eval},
-        "liedetector_qa": {"rows": qa_all, "kept": len(qa), "unparsed_dropped": n_bad},
+        "liedetector_qa": {"rows": qa_all, "kept": len(qa), "unparsed_dropped": n_bad,
+                           **({"trained_on": len(qa_dev), "test_frac_of_questions": qa_test_frac} if qa_train else {})},
         "train": counts(train),
         "val": counts(val),
         "test": counts(qa),
@@ -754,4 +769,5 @@ RECIPES: dict[str, Callable[..., Splits]] = {
     "harmful_intent": harmful_intent_splits,
     "harmful_intent_v2": functools.partial(harmful_intent_splits, question_sets=True),
     "deception": deception_splits,
+    "deception_v2": functools.partial(deception_splits, qa_train=True),
 }

@@ -121,9 +121,9 @@ def _root() -> Path:
         pytest.skip(f"shared datasets not available: {e}")
 
 
-@pytest.fixture(scope="module")
-def harm() -> Splits:
-    return harmful_intent_splits(_root(), seed=0)
+@pytest.fixture(scope="module", params=["harmful_intent", "harmful_intent_v2"])
+def harm(request) -> Splits:
+    return RECIPES[request.param](_root(), seed=0)
 
 
 @pytest.fixture(scope="module")
@@ -146,7 +146,39 @@ def test_datasets_dir_resolution(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 
 
 def test_recipes_mapping() -> None:
-    assert RECIPES == {"harmful_intent": harmful_intent_splits, "deception": deception_splits}
+    assert RECIPES["harmful_intent"] is harmful_intent_splits and RECIPES["deception"] is deception_splits
+    v2 = {k: (f.func, f.keywords) for k, f in RECIPES.items() if k.endswith("_v2")}
+    assert v2 == {"harmful_intent_v2": (harmful_intent_splits, {"question_sets": True}),
+                  "deception_v2": (deception_splits, {"qa_train": True})}
+
+
+def test_v2_question_sets_keep_each_sub_topic_on_one_side() -> None:
+    """HarmfulQA is one template over many sub-topics: a sub-topic on both sides would teach the frame."""
+    import json
+
+    v2 = RECIPES["harmful_intent_v2"](_root(), seed=0)
+    side_of = {e.id: side for side, rows in (("dev", v2.train + v2.val), ("test", v2.test)) for e in rows}
+    for name in ("catqa", "harmfulqa"):
+        rows = [json.loads(line) for line in (_root() / name / f"{name}.jsonl").open()]
+        sides: dict[str, set[str]] = {}
+        for r in rows:
+            if r["id"] in side_of:  # de-duplication may drop a few
+                sides.setdefault(r["category"], set()).add(side_of[r["id"]])
+        assert len(sides) > 40 and all(len(v) == 1 for v in sides.values()), name
+        assert v2.eval_sets[name] and all(e.label == 1 and e.source == name for e in v2.eval_sets[name])
+    assert v2.eval_sets["nq_open"] and all(e.label == 0 for e in v2.eval_sets["nq_open"])
+    assert {e.source for e in v2.train} >= {"catqa", "harmfulqa", "nq_open"}
+    v1 = harmful_intent_splits(_root(), seed=0)  # the shipped pack's recipe is unchanged by v2
+    assert not {e.source for e in v1.train + v1.val + v1.test} & {"catqa", "harmfulqa", "nq_open"}
+
+
+def test_deception_v2_trains_on_qa_questions_it_is_never_tested_on() -> None:
+    v2 = RECIPES["deception_v2"](_root(), seed=0)
+    dev_qa = [e for e in v2.train + v2.val if e.source == "liedetector_qa"]
+    assert len(dev_qa) > 3000 and {e.label for e in dev_qa} == {0, 1}
+    assert not {e.group for e in dev_qa} & {e.group for e in v2.test}
+    assert v2.test == v2.eval_sets["liedetector_qa"] and all(e.source == "liedetector_qa" for e in v2.test)
+    assert any(e.source == "repe_facts/instructed_pairs" for e in v2.train)
 
 
 def test_harm_no_text_leak(harm: Splits) -> None:
@@ -210,7 +242,8 @@ def test_harm_jailbreak_rows_only_held_out(harm: Splits) -> None:
         ]
     )
     trainval_sources = {e.source for e in harm.train + harm.val}
-    assert trainval_sources <= {"jbb_behaviors", "advbench", "harmbench", "xstest", "alpaca"}
+    assert trainval_sources <= {"jbb_behaviors", "advbench", "harmbench", "xstest", "alpaca",
+                                "catqa", "harmfulqa", "nq_open"}
     test_groups = {e.group for e in harm.test}
     for name in jb_names + ["future_tense", "dan_wrapped"]:
         rows = harm.eval_sets[name]
@@ -249,12 +282,13 @@ def test_harm_counts_sane(harm: Splits) -> None:
 
 
 def test_harm_deterministic_and_seeded(harm: Splits) -> None:
-    again = harmful_intent_splits(_root(), seed=0)
+    recipe = RECIPES[harm.info["recipe"]]
+    again = recipe(_root(), seed=0)
     assert [e.id for e in again.train] == [e.id for e in harm.train]
     assert {k: [e.id for e in v] for k, v in again.eval_sets.items()} == {
         k: [e.id for e in v] for k, v in harm.eval_sets.items()
     }
-    other = harmful_intent_splits(_root(), seed=1)
+    other = recipe(_root(), seed=1)
     assert {e.id for e in other.test} != {e.id for e in harm.test}
     assert data_sha256(other.train) != data_sha256(harm.train)
 
