@@ -90,7 +90,7 @@ SAE_PROBE_GRID = [("sae_probe", {"C": c}) for c in (0.03, 0.1, 0.3)]
 WINDOWS = [{"kind": "mean"}] + [{"kind": "max_rolling_mean", "window": w} for w in (4, 8, 16)]
 RECIPE_SWEEPS = {
     "harmful_intent": {"probes": LOGISTIC_GRID, "pools": ["mean", "last"], "calibration": "dev_benign"},
-    "harmful_intent_v2": {"probes": LOGISTIC_GRID, "pools": ["mean", "last"], "calibration": "dev_benign",
+    "harmful_intent_v2": {"probes": LOGISTIC_GRID, "pools": ["mean"], "calibration": "dev_benign",
                           "selection": "loso", "aggregations": WINDOWS, "sites": ("resid_post", "mlp_out", "attn_out")},
     "deception": {"probes": [*LOGISTIC_GRID, ("lat", {}), ("diff_means", {})], "pools": ["mean"],
                   "calibration": "dev_honest", "enabled_by_default": False,

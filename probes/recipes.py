@@ -351,12 +351,15 @@ def harmful_intent_splits(
     future_match_jaccard: float = 0.15,
     n_dan: int = 100,
     question_sets: bool = False,
+    augment: bool = False,
+    n_augment: int = 150,
 ) -> Splits:
     """Harmful-intent splits (see module docstring). `fracs` are train/val/test row shares by
     group; XSTest uses `xstest_fracs` (most of it stays for evaluation). Harmful rows whose
     content-word Jaccard >= `behaviour_jaccard` share a behaviour group. `question_sets` adds
     CatQA and HarmfulQA (harmful questions, grouped by sub-topic) and NQ-Open (benign search
-    questions): the `harmful_intent_v2` recipe."""
+    questions); `augment` adds training-side variants of training rows (`_augment`). Both: the
+    `harmful_intent_v2` recipe."""
     root = datasets_dir(root)
     rows = _harm_rows(root, question_sets)
     n = len(rows)
@@ -533,6 +536,10 @@ def harmful_intent_splits(
             eval_sets["future_tense"].append(
                 Example(text=r["text"], label=1, id=r["id"], source=r["source"], group=g)
             )
+        elif augment:  # a training-side behaviour: its future-tense form trains beside it
+            split_of[side[gid[i]]].append(
+                Example(text=r["text"], label=1, id=r["id"], source=r["source"], group=gid[i])
+            )
 
     # DAN-wrapped test-side harmful requests
     templates = {
@@ -553,6 +560,7 @@ def harmful_intent_splits(
         )
         for t, e in (combos[k] for k in picked)
     ]
+    augmented = _augment(split_of, templates, n_augment, seed) if augment else {}
     # Held-out harmful requests against each benign set on its own: recall at 1% FPR *on Alpaca*
     # and the honest-FPR failure on scary-looking safe prompts are separate numbers.
     for benign in ("alpaca", "jbb_benign", "xstest_safe", *(("nq_open",) if question_sets else ())):
@@ -604,10 +612,51 @@ def harmful_intent_splits(
             f"{future_match_jaccard}; only test-side behaviours kept",
         },
         "dan_wrapped": {"templates": tnames, "n": len(eval_sets["dan_wrapped"])},
+        **({"augmented": augmented} if augment else {}),
     }
     return Splits(
         train=train, val=val, test=test, calibration=calibration, eval_sets=eval_sets, info=info
     )
+
+
+REPEATS = (3, 10, 30)
+ORIGINAL_SOURCES = frozenset({"jbb_behaviors", "advbench", "harmbench", "xstest", "alpaca", "catqa", "harmfulqa",
+                              "nq_open"})  # the rows variants are made of
+
+
+def _augment(split_of: dict[str, list[Example]], templates: dict[str, str], n: int, seed: int) -> dict[str, Any]:
+    """Variants of `n` seeded harmful and `n` benign train/val rows each, in their rows' split and
+    group, so that neither a jailbreak wrapper nor a long, repetitive input tells the classes apart:
+
+    * wrapped in an in-the-wild jailbreak prompt that has a placeholder for the request (the DAN
+      templates of the `dan_wrapped` eval set are never used), benign requests as well as harmful;
+    * the request repeated 3, 10 or 30 times (a mean over tokens drifts with repetition).
+
+    Variants never join calibration: the threshold answers for real benign traffic."""
+    wrappers = sorted(k for k, t in templates.items()
+                      if k.startswith("itw_") and _DAN_PLACEHOLDER in t and len(t) <= 3000)
+    rng = random.Random(f"{seed}:augment")
+    made: Counter[str] = Counter()
+    for name in ("train", "val"):
+        rows = split_of[name]
+        for label in (1, 0):
+            pool = [e for e in rows if e.label == label and e.text is not None and e.source in ORIGINAL_SOURCES]
+            share = round(n * len(pool) / max(1, sum(e.label == label and e.source in ORIGINAL_SOURCES
+                                                     for side in ("train", "val") for e in split_of[side])))
+            for kind in ("jailbreak_wrapped", "repeated"):
+                for e in rng.sample(pool, min(share, len(pool))):
+                    if kind == "jailbreak_wrapped":
+                        t = rng.choice(wrappers)
+                        text, tag = _wrap_dan(templates[t], e.text), t
+                    else:
+                        r = rng.choice(REPEATS)
+                        text, tag = " ".join([e.text] * r), f"x{r}"
+                    rows.append(Example(text=text, label=label, id=f"{e.id}+{tag}", source=f"augment/{kind}",
+                                        group=e.group))
+                    made[f"{kind}/{'harmful' if label else 'benign'}"] += 1
+    return {"rows": dict(sorted(made.items())), "wrappers": len(wrappers), "repeats": list(REPEATS),
+            "rule": "seeded train/val rows of each label, in their own split and group; never calibration"}
+
 
 
 # ---------------------------------------------------------------------------------------------
@@ -767,7 +816,7 @@ def deception_splits(
 
 RECIPES: dict[str, Callable[..., Splits]] = {
     "harmful_intent": harmful_intent_splits,
-    "harmful_intent_v2": functools.partial(harmful_intent_splits, question_sets=True),
+    "harmful_intent_v2": functools.partial(harmful_intent_splits, question_sets=True, augment=True),
     "deception": deception_splits,
     "deception_v2": functools.partial(deception_splits, qa_train=True),
 }

@@ -148,7 +148,7 @@ def test_datasets_dir_resolution(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 def test_recipes_mapping() -> None:
     assert RECIPES["harmful_intent"] is harmful_intent_splits and RECIPES["deception"] is deception_splits
     v2 = {k: (f.func, f.keywords) for k, f in RECIPES.items() if k.endswith("_v2")}
-    assert v2 == {"harmful_intent_v2": (harmful_intent_splits, {"question_sets": True}),
+    assert v2 == {"harmful_intent_v2": (harmful_intent_splits, {"question_sets": True, "augment": True}),
                   "deception_v2": (deception_splits, {"qa_train": True})}
 
 
@@ -170,6 +170,27 @@ def test_v2_question_sets_keep_each_sub_topic_on_one_side() -> None:
     assert {e.source for e in v2.train} >= {"catqa", "harmfulqa", "nq_open"}
     v1 = harmful_intent_splits(_root(), seed=0)  # the shipped pack's recipe is unchanged by v2
     assert not {e.source for e in v1.train + v1.val + v1.test} & {"catqa", "harmfulqa", "nq_open"}
+
+
+def test_v2_variants_train_beside_their_rows_and_never_calibrate() -> None:
+    from probes.recipes import DAN_TEMPLATES
+
+    v2 = RECIPES["harmful_intent_v2"](_root(), seed=0)
+    dev, held = v2.train + v2.val, v2.test + [e for rows in v2.eval_sets.values() for e in rows]
+    variants = [e for e in dev if e.source.startswith("augment/")]
+    made = v2.info["augmented"]["rows"]
+    assert made == {"jailbreak_wrapped/benign": 150, "jailbreak_wrapped/harmful": 150,
+                                               "repeated/benign": 150, "repeated/harmful": 150}
+    assert len(variants) == sum(made.values())
+    originals = {e.id: e for e in dev}
+    for e in variants:
+        base = originals[e.id.split("+")[0]]
+        assert e.group == base.group and e.label == base.label and base.text in e.text
+        assert not any(t in e.id for t in DAN_TEMPLATES)  # the dan_wrapped eval set's wrappers stay unseen
+    assert not {e.group for e in variants} & {e.group for e in held}
+    assert not any(e.source.startswith("augment/") for e in v2.calibration["dev_benign"])
+    future = [e for e in dev if e.source == "tense_reformulation/future"]
+    assert future and not {e.group for e in future} & {e.group for e in v2.eval_sets["future_tense"]}
 
 
 def test_deception_v2_trains_on_qa_questions_it_is_never_tested_on() -> None:
@@ -211,7 +232,7 @@ def test_harm_pairs_same_side(harm: Splits) -> None:
     where.update({e.id: "train" for e in harm.train})
     where.update({e.id: "val" for e in harm.val})
     # JBB harmful/benign pairs share an id stem
-    jbb = [i for i in where if i.startswith("jbb_")]
+    jbb = [i for i in where if i.startswith("jbb_") and "+" not in i]  # not the v2 variants
     stems = {i.rsplit("_", 1)[0] for i in jbb}
     assert len(stems) == 100
     for s in stems:
@@ -242,8 +263,9 @@ def test_harm_jailbreak_rows_only_held_out(harm: Splits) -> None:
         ]
     )
     trainval_sources = {e.source for e in harm.train + harm.val}
-    assert trainval_sources <= {"jbb_behaviors", "advbench", "harmbench", "xstest", "alpaca",
-                                "catqa", "harmfulqa", "nq_open"}
+    v2 = {"catqa", "harmfulqa", "nq_open", "augment/jailbreak_wrapped", "augment/repeated",
+          "tense_reformulation/future"} if harm.info["recipe"] == "harmful_intent_v2" else set()
+    assert trainval_sources <= {"jbb_behaviors", "advbench", "harmbench", "xstest", "alpaca", *v2}
     test_groups = {e.group for e in harm.test}
     for name in jb_names + ["future_tense", "dan_wrapped"]:
         rows = harm.eval_sets[name]
