@@ -12,7 +12,7 @@ pooled activations in place of the ~10k forward passes (see tests/probes/fixture
    the mean activation).
 3. `train_pack` itself runs at the pack's chosen configuration on a runner that replays the
    tape: the same code draws the folds, refits, calibrates out of fold and evaluates. Weights
-   (1e-4), threshold (1e-3), calibration, the chosen candidate's cross-validated AUROC (1e-4)
+   (5e-4: the tape is float16), threshold (1e-3), calibration, the chosen candidate's cross-validated AUROC (1e-4)
    and every shipped metric of every set (0.01) must match the manifest.
 
 Full retraining through the model (harmful_intent at its chosen configuration, ~10 minutes on
@@ -57,10 +57,10 @@ def shipped(pack_id: str, runner) -> ProbePack:
     return ProbePack.load(shipped_packs()[pack_id][0], expect=runner.fingerprint)
 
 
-def assert_same_pack(fresh: ProbePack, ref: ProbePack, sets: list[str]) -> None:
-    """Weights to 1e-4, threshold to 1e-3, every metric of these sets to 0.01 (so counts exactly)."""
+def assert_same_pack(fresh: ProbePack, ref: ProbePack, sets: list[str], weights_atol: float = 1e-4) -> None:
+    """Weights to `weights_atol`, threshold to 1e-3, every metric of these sets to 0.01 (so counts exactly)."""
     for name, t in ref.probe.tensors().items():
-        np.testing.assert_allclose(fresh.probe.tensors()[name].numpy(), t.numpy(), atol=1e-4, rtol=1e-4)
+        np.testing.assert_allclose(fresh.probe.tensors()[name].numpy(), t.numpy(), atol=weights_atol, rtol=1e-4)
     assert fresh.manifest.threshold == pytest.approx(ref.manifest.threshold, abs=1e-3)
     assert fresh.manifest.calibration == ref.manifest.calibration
     for name in sets:
@@ -242,7 +242,8 @@ def test_recipe_reproduces_the_shipped_pack(pack_id, smollm2, monkeypatch):
     assert (fresh.manifest.description, fresh.manifest.enabled_by_default) == \
         (ref.manifest.description, ref.manifest.enabled_by_default)
     assert fresh.manifest.metrics.keys() == ref.manifest.metrics.keys()
-    assert_same_pack(fresh, ref, list(ref.manifest.metrics))
+    # the tape's float16 rounding moves a refit's weights by up to ~2e-4 (deception: 4,206 rows, C = 0.01)
+    assert_same_pack(fresh, ref, list(ref.manifest.metrics), weights_atol=5e-4)
 
 
 @FULL
@@ -258,7 +259,8 @@ def test_harmful_intent_recipe_retrains_to_the_shipped_pack(smollm2):
 @FULL
 def test_deception_recipe_reproduces_the_shipped_pack(smollm2, monkeypatch, tmp_path):
     monkeypatch.setattr(cli, "load_runner", lambda model, device: smollm2)
-    result = CliRunner().invoke(cli.app, ["train", "--recipe", "deception", "--out", str(tmp_path / "d")])
+    result = CliRunner().invoke(cli.app, ["train", "--recipe", "deception_v2", "--id", "deception",
+                                          "--out", str(tmp_path / "d")])
     assert result.exit_code == 0, result.output
     fresh, ref = ProbePack.load(tmp_path / "d"), shipped("deception", smollm2)
     assert not fresh.manifest.enabled_by_default and not ref.manifest.enabled_by_default
