@@ -93,3 +93,17 @@ def test_cli_errors_say_what_to_fix(files, tmp_path):
     result = runner.invoke(cli.app, ["score", "--input", str(files / "unlabelled.jsonl"), "--output",
                                      str(tmp_path / "o.jsonl"), "--detector", "nope"])
     assert result.exit_code == 2 and "unknown detector id" in result.output
+
+
+def test_train_output_lists_each_held_out_source_apart_from_the_held_out_sets(capsys):
+    metrics = {"test": {"n_pos": 3, "n_neg": 5, "auroc": 0.9},
+               "loso": {"auroc": 0.8, "recall_at_1pct_fpr": 0.4, "worst_unit_auroc": 0.6},
+               "loso/catqa (harmful)": {"n_pos": 7, "auroc": 0.6, "recall_at_1pct_fpr": 0.25},
+               "loso/nq_open (benign)": {"n_neg": 9, "auroc": 0.95, "fpr_at_1pct_fpr": 0.02}}
+    cli.print_metrics(metrics)
+    held_out, _, per_source = capsys.readouterr().out.partition("leave one source out")
+    assert "test" in held_out and "loso" not in held_out
+    rows = {line.split("│")[1].strip(): line for line in per_source.splitlines() if line.count("│") > 3}
+    assert set(rows) >= {"all (pooled)", "catqa (harmful)", "nq_open (benign)"}
+    assert "0.250" in rows["catqa (harmful)"] and " 7 " in rows["catqa (harmful)"]
+    assert "0.020" in rows["nq_open (benign)"] and " 9 " in rows["nq_open (benign)"]
