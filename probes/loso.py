@@ -40,7 +40,10 @@ class Unit:
 
 
 def units_of(examples: Sequence[Example]) -> list[Unit]:
-    return [Unit(e.source or "unnamed", int(e.label)) for e in examples]
+    """A variant made from a row (`<source>+<how>`, e.g. wrapped in a jailbreak prompt) belongs to
+    its row's source: held out on its own, a model that saw only harmful wrapped rows would learn
+    that the wrapper is harmful, and the held-out number would measure the recipe, not the probe."""
+    return [Unit((e.source or "unnamed").split("+", 1)[0], int(e.label)) for e in examples]
 
 
 def unit_folds(examples: Sequence[Example], *, min_rows: int = 1) -> list[tuple[Unit, np.ndarray, np.ndarray]]:

@@ -651,7 +651,7 @@ def _augment(split_of: dict[str, list[Example]], templates: dict[str, str], n: i
                     else:
                         r = rng.choice(REPEATS)
                         text, tag = " ".join([e.text] * r), f"x{r}"
-                    rows.append(Example(text=text, label=label, id=f"{e.id}+{tag}", source=f"augment/{kind}",
+                    rows.append(Example(text=text, label=label, id=f"{e.id}+{tag}", source=f"{e.source}+{kind}",
                                         group=e.group))
                     made[f"{kind}/{'harmful' if label else 'benign'}"] += 1
     return {"rows": dict(sorted(made.items())), "wrappers": len(wrappers), "repeats": list(REPEATS),

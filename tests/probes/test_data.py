@@ -177,7 +177,7 @@ def test_v2_variants_train_beside_their_rows_and_never_calibrate() -> None:
 
     v2 = RECIPES["harmful_intent_v2"](_root(), seed=0)
     dev, held = v2.train + v2.val, v2.test + [e for rows in v2.eval_sets.values() for e in rows]
-    variants = [e for e in dev if e.source.startswith("augment/")]
+    variants = [e for e in dev if "+" in e.source]
     made = v2.info["augmented"]["rows"]
     assert made == {"jailbreak_wrapped/benign": 150, "jailbreak_wrapped/harmful": 150,
                                                "repeated/benign": 150, "repeated/harmful": 150}
@@ -186,9 +186,10 @@ def test_v2_variants_train_beside_their_rows_and_never_calibrate() -> None:
     for e in variants:
         base = originals[e.id.split("+")[0]]
         assert e.group == base.group and e.label == base.label and base.text in e.text
+        assert e.source in (f"{base.source}+jailbreak_wrapped", f"{base.source}+repeated")
         assert not any(t in e.id for t in DAN_TEMPLATES)  # the dan_wrapped eval set's wrappers stay unseen
     assert not {e.group for e in variants} & {e.group for e in held}
-    assert not any(e.source.startswith("augment/") for e in v2.calibration["dev_benign"])
+    assert not any("+" in e.source for e in v2.calibration["dev_benign"])
     future = [e for e in dev if e.source == "tense_reformulation/future"]
     assert future and not {e.group for e in future} & {e.group for e in v2.eval_sets["future_tense"]}
 
@@ -263,8 +264,9 @@ def test_harm_jailbreak_rows_only_held_out(harm: Splits) -> None:
         ]
     )
     trainval_sources = {e.source for e in harm.train + harm.val}
-    v2 = {"catqa", "harmfulqa", "nq_open", "augment/jailbreak_wrapped", "augment/repeated",
-          "tense_reformulation/future"} if harm.info["recipe"] == "harmful_intent_v2" else set()
+    v2 = {"catqa", "harmfulqa", "nq_open", "tense_reformulation/future"} \
+        if harm.info["recipe"] == "harmful_intent_v2" else set()
+    trainval_sources = {s.split("+")[0] for s in trainval_sources}  # a variant names its row's source
     assert trainval_sources <= {"jbb_behaviors", "advbench", "harmbench", "xstest", "alpaca", *v2}
     test_groups = {e.group for e in harm.test}
     for name in jb_names + ["future_tense", "dan_wrapped"]:

@@ -32,6 +32,16 @@ def test_a_held_out_source_takes_its_groups_with_it():
     assert {dev[i].source for i in train} == {"advbench", "harmbench", "nq_open"}
 
 
+def test_a_variant_is_held_out_with_the_source_it_was_made_from():
+    dev = (rows(["a"] * 3, 1, "advbench") + rows(["w"] * 3, 1, "advbench+jailbreak_wrapped")
+           + rows(["h"] * 3, 1, "harmbench") + rows(["b"] * 3, 0, "alpaca")
+           + rows(["v"] * 3, 0, "alpaca+jailbreak_wrapped") + rows(["n"] * 3, 0, "nq_open"))
+    folds = {u.name: (train, held) for u, train, held in unit_folds(dev)}
+    assert set(folds) == {"advbench (harmful)", "harmbench (harmful)", "alpaca (benign)", "nq_open (benign)"}
+    _, held = folds["alpaca (benign)"]
+    assert sorted({dev[i].source for i in held}) == ["alpaca", "alpaca+jailbreak_wrapped"]
+
+
 def test_the_only_source_of_a_label_cannot_be_held_out():
     dev = rows(["a"] * 3, 1, "advbench") + rows(["b"] * 3, 0, "alpaca") + rows(["n"] * 3, 0, "nq_open")
     with pytest.raises(ValueError, match=r"cannot hold out advbench \(harmful\): .* no row of label 1 is left"):
