@@ -328,13 +328,15 @@ def test_a_malformed_policy_is_refused_and_the_running_one_stays(setup, stub):
     good = use(setup, "rules:\n  - {id: note, detector: steady, action: log}\n")
     failed = srv.server.metrics.value("latentwatch_policy_reloads_total", {"result": "failed"})
     path.write_text("rules:\n  - {id: x, detector: steady, action: block, when: {threshold: 2}}\n")
+    # the watcher tries the new file once on its own; waiting for it keeps the count below exact
+    srv.run(_until(lambda: srv.server.metrics.value("latentwatch_policy_reloads_total", {"result": "failed"}) > failed))
     with pytest.raises(RequestError, match=r"rules\[0\].when.threshold: must be in \(0, 1\)"):
         srv.run(srv.server.service.reload("test"))
     with pytest.raises(grpc.RpcError) as e:
         stub.ReloadDetectors(pb.ReloadDetectorsRequest(), timeout=60)
     assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "rules[0].when.threshold" in e.value.details()
     assert srv.server.service.snapshot.version == good.version
-    assert srv.server.metrics.value("latentwatch_policy_reloads_total", {"result": "failed"}) == failed + 2
+    assert srv.server.metrics.value("latentwatch_policy_reloads_total", {"result": "failed"}) == failed + 3
     assert [i.rule_id for i in interventions(generate(stub))] == ["note"]  # still the good policy
 
 
@@ -345,8 +347,8 @@ def test_the_server_reloads_a_changed_policy_file_by_itself(setup, stub):
     service = srv.server.service
     srv.run(_until(lambda: service.snapshot.version != before.version))
     assert [i.rule_id for i in interventions(generate(stub))] == ["renamed"]
-    path.write_text("rules: [oops")  # a half-written file: logged, counted, the running policy stays
     failed = srv.server.metrics.value("latentwatch_policy_reloads_total", {"result": "failed"})
+    path.write_text("rules: [oops")  # a half-written file: logged, counted, the running policy stays
     srv.run(_until(lambda: srv.server.metrics.value("latentwatch_policy_reloads_total", {"result": "failed"}) > failed))
     assert [i.rule_id for i in interventions(generate(stub))] == ["renamed"]
 
