@@ -323,6 +323,37 @@ class Generation:
         self._hooked |= new
 
 
+def complete(
+    runner: ModelRunner,
+    prompts: list[Encoded],
+    sampling: list[Sampling],
+    *,
+    batch_size: int = 16,
+    bank: DetectorBank | None = None,
+    steering: Steering | None = None,
+    progress: bool = False,
+    desc: str = "generating",
+) -> tuple[list[str], np.ndarray | None]:
+    """Offline generation: every prompt's completion, `batch_size` at a time in order (the same
+    inputs give the same batches, so greedy runs repeat), `steering` on every row. With a `bank`,
+    also each row's last running aggregate [prompts, detectors]."""
+    from tqdm.auto import tqdm
+
+    texts = [""] * len(prompts)
+    aggregates = np.zeros((len(prompts), bank.size)) if bank is not None else None
+    with tqdm(total=len(prompts), desc=desc, unit="prompt", disable=not progress) as bar:
+        for start in range(0, len(prompts), batch_size):
+            rows = slice(start, start + batch_size)
+            steer = None if steering is None else [[steering]] * len(prompts[rows])
+            for events in Generation(runner, prompts[rows], sampling[rows], bank, steer):
+                for e in events:
+                    texts[start + e.row] += e.text
+                    if aggregates is not None:
+                        aggregates[start + e.row] = e.aggregate
+            bar.update(len(prompts[rows]))
+    return texts, aggregates
+
+
 class _HoldBack:
     """Withholds decoded text while it could still be the start of a stop string.
 

@@ -42,7 +42,7 @@ from matplotlib.figure import Figure
 from tqdm.auto import tqdm
 
 from monitor.bank import Detector, DetectorBank
-from monitor.generation import Generation, Sampling
+from monitor.generation import Sampling, complete
 from monitor.runner import Encoded, ModelRunner
 from monitor.scorers import scorer_for
 from monitor.steering import Steering
@@ -161,27 +161,6 @@ def residual_scale(
     return float(pooled[:, 0].mean()), pooled[:, 1]
 
 
-def generate(
-    runner: ModelRunner,
-    items: Sequence[Encoded],
-    bank: DetectorBank,
-    steering: Steering,
-    max_new_tokens: int,
-    batch_size: int,
-) -> tuple[list[str], np.ndarray]:
-    """Greedy completions in batches of `batch_size` (the same batches for every coefficient), and
-    the detector's aggregate score on prompt + completion as the steered model read it."""
-    texts, steered = [""] * len(items), np.zeros(len(items))
-    for start in range(0, len(items), batch_size):
-        chunk = list(items[start : start + batch_size])
-        sampling = [Sampling(max_new_tokens=max_new_tokens)] * len(chunk)
-        for events in Generation(runner, chunk, sampling, bank, [[steering] for _ in chunk]):
-            for e in events:
-                texts[start + e.row] += e.text
-                steered[start + e.row] = e.aggregate[0]
-    return texts, steered
-
-
 # -------------------------------------------------------------------------------- results
 
 
@@ -297,7 +276,9 @@ def run_causal(
     completions = []
     for k in tqdm(coefficients, desc="steering", unit="coefficient", disable=not progress):
         steering = Steering(det.hook_point, "add", u, k * scale, "all", id=f"{det.id}:direction")
-        texts, steered = generate(runner, items, bank, steering, max_new_tokens, batch_size)
+        # the same batches for every coefficient; the score is prompt + completion as the steered model read it
+        texts, steered = complete(runner, items, [Sampling(max_new_tokens=max_new_tokens)] * len(items),
+                                  batch_size=batch_size, bank=bank, steering=steering)
         talks = [Example(messages=(*_chat(e), Message("assistant", t))) for (_, e), t in zip(prompts, texts)]
         reread = runner.score(
             [runner.encode(messages=c.messages, chat=True) for c in talks], bank, batch_size=batch_size
@@ -305,7 +286,7 @@ def run_causal(
         verdicts = judge.scores(talks)
         completions += [
             Completion(name, e.id, k, e.content_key, t, is_refusal(t), float(v), float(r.probs[0]), float(s))
-            for (name, e), t, v, r, s in zip(prompts, texts, verdicts, reread, steered)
+            for (name, e), t, v, r, s in zip(prompts, texts, verdicts, reread, steered[:, 0])
         ]
     params = {
         "detector": det.id,

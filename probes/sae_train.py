@@ -40,6 +40,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from monitor.domain import HookPoint
+from monitor.generation import Sampling, complete
 from monitor.runner import Encoded, HookPass, ModelRunner, encode_all
 from monitor.sae import TopKConfig, TopKSAE
 from monitor.sae.loaders import LATENTWATCH_DTYPES, LATENTWATCH_FILES, LATENTWATCH_FORMAT, latentwatch_weights
@@ -187,30 +188,17 @@ def recipe_data(datasets=None, seed: int = 0, *, alpaca: bool = False, held_out:
     return SAEData(train, held, info)
 
 
-def complete(runner: ModelRunner, prompts: Sequence[Example], spec: SAETrainSpec, *, seed: int,
-             progress: bool = False, desc: str = "answering prompts") -> list[Example]:
+def answer(runner: ModelRunner, prompts: Sequence[Example], spec: SAETrainSpec, *, seed: int,
+           progress: bool = False, desc: str = "answering prompts") -> list[Example]:
     """The model's answers to `prompts` as new examples (user turn + answer); every other one greedy."""
-    from monitor.generation import Generation, Sampling
-
     chat = spec.input_format == "chat"
-    out: list[Example] = []
-    bar = tqdm(total=len(prompts), desc=desc, unit="prompt", disable=not progress)
-    for start in range(0, len(prompts), spec.capture_batch):
-        chunk = prompts[start : start + spec.capture_batch]
-        sampling = [Sampling(max_new_tokens=spec.max_new_tokens, temperature=0.0 if (start + i) % 2 == 0 else
-                             spec.temperature, seed=seed + start + i) for i in range(len(chunk))]
-        texts = [""] * len(chunk)
-        for events in Generation(runner, encode_all(runner, chunk, chat=chat), sampling):
-            for e in events:
-                texts[e.row] += e.text
-        for p, text in zip(chunk, texts):
-            if text.strip():
-                turns = (Message("user", p.text), Message("assistant", text))
-                out.append(Example(messages=turns, source=f"{p.source}+answer") if chat else
-                           Example(text=p.text + text, source=f"{p.source}+answer"))
-        bar.update(len(chunk))
-    bar.close()
-    return out
+    sampling = [Sampling(max_new_tokens=spec.max_new_tokens, temperature=0.0 if i % 2 == 0 else spec.temperature,
+                         seed=seed + i) for i in range(len(prompts))]
+    texts, _ = complete(runner, encode_all(runner, prompts, chat=chat), sampling, batch_size=spec.capture_batch,
+                        progress=progress, desc=desc)
+    return [Example(messages=(Message("user", p.text), Message("assistant", text)), source=f"{p.source}+answer")
+            if chat else Example(text=p.text + text, source=f"{p.source}+answer")
+            for p, text in zip(prompts, texts) if text.strip()]
 
 
 def _with_answers(runner: ModelRunner, data: SAEData, spec: SAETrainSpec, progress: bool):
@@ -224,7 +212,7 @@ def _with_answers(runner: ModelRunner, data: SAEData, spec: SAETrainSpec, progre
         # a whole answer to a short one
         prompts = [e for e in rows if e.text is not None and len(e.text) <= spec.max_prompt_chars]
         picked = rng.sample(prompts, min(n, len(prompts)))
-        answers = complete(runner, picked, spec, seed=spec.seed + (0 if name == "train" else 10**6),
+        answers = answer(runner, picked, spec, seed=spec.seed + (0 if name == "train" else 10**6),
                            progress=progress, desc=f"answering {name.replace('_', '-')} prompts")
         sides.append((rows, answers))
     return sides
