@@ -85,12 +85,14 @@ def load_recipe(recipe: str, datasets: str | None, seed: int):
 # ------------------------------------------------------------------------------------ train
 
 LOGISTIC_GRID = [("logistic", {"C": c}) for c in (0.01, 0.1, 1.0)]
+# v2: held-out sources favoured the strongest regularisation at every depth (C = 0.01 over 0.1 over 1)
+LOGISTIC_GRID_V2 = [("logistic", {"C": c}) for c in (0.001, 0.003, 0.01)]
 SAE_PROBE_GRID = [("sae_probe", {"C": c}) for c in (0.03, 0.1, 0.3)]
 # v2: ranked by leave-one-source-out scores; the winner's serving aggregation chosen through the bank
 WINDOWS = [{"kind": "mean"}] + [{"kind": "max_rolling_mean", "window": w} for w in (4, 8, 16)]
 RECIPE_SWEEPS = {
     "harmful_intent": {"probes": LOGISTIC_GRID, "pools": ["mean", "last"], "calibration": "dev_benign"},
-    "harmful_intent_v2": {"probes": LOGISTIC_GRID, "pools": ["mean"], "calibration": "dev_benign",
+    "harmful_intent_v2": {"probes": LOGISTIC_GRID_V2, "pools": ["mean"], "calibration": "dev_benign",
                           "selection": "loso", "aggregations": WINDOWS, "sites": ("resid_post", "mlp_out", "attn_out")},
     "deception": {"probes": [*LOGISTIC_GRID, ("lat", {}), ("diff_means", {})], "pools": ["mean"],
                   "calibration": "dev_honest", "enabled_by_default": False,
