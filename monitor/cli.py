@@ -227,7 +227,8 @@ def train(
     except (ValueError, OSError) as e:  # PackError is a ValueError
         fail(str(e))
     m = pack.manifest
-    console.print(f"[green]wrote[/] {out_dir}  ({m.kind} @ {m.hook_point}, {m.aggregation.kind} pooling, "
+    scaled = f", Platt-scaled (a {m.platt.a:.3g}, b {m.platt.b:.3g})" if m.platt else ""
+    console.print(f"[green]wrote[/] {out_dir}  ({m.kind} @ {m.hook_point}, {m.aggregation.kind} pooling{scaled}, "
                   f"threshold {m.threshold:.4f} at {target_fpr:.2%} FPR on {m.calibration.benign_set}; "
                   f"best of {len(table)} candidate(s))")
     print_metrics(m.metrics)

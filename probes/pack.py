@@ -80,6 +80,20 @@ class Calibration(BaseModel):
     achieved_fpr: float = Field(ge=0, le=1)
 
 
+class Platt(BaseModel):
+    """Scores as probabilities: sigmoid(a * logit + b), a and b fitted on aggregate logits of rows
+    each scored by a model that never saw their source. Every aggregation commutes with it (a > 0),
+    so it is folded into the head: rankings, AUROC and recall at any FPR are what they were without it.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    a: float = Field(gt=0)
+    b: float
+    fitted_on: str
+    n: int = Field(ge=2)
+
+
 class Manifest(BaseModel):
     """Everything about a pack except its tensors; the bank reads hook, aggregation, threshold."""
 
@@ -96,6 +110,7 @@ class Manifest(BaseModel):
     input_format: Literal["chat", "raw"]
     threshold: float = Field(ge=0, le=1)
     calibration: Calibration | None = None
+    platt: Platt | None = None  # probe heads only (an SAE latent kind scales its own)
     metrics: dict[str, dict[str, float]]
     model: ModelFingerprint
     provenance: dict[str, Any]
@@ -126,8 +141,9 @@ class ProbePack:
     probe: Probe
 
     def head(self):
-        """What the bank scores: a ScoringHead, or a LatentHead for SAE-feature kinds."""
-        return self.probe.head()
+        """What the bank scores: a ScoringHead (Platt scaling folded in), or a LatentHead for SAE-feature kinds."""
+        head, platt = self.probe.head(), self.manifest.platt
+        return head if platt is None else head.scaled(platt.a, platt.b)
 
     def save(self, folder: Path | str) -> None:
         """Write weights, then a manifest that records their sha256, kind and kind_config."""
@@ -201,6 +217,9 @@ class ProbePack:
                 f"wrong shape: weights have d_model {d_weights}, manifest says {manifest.d_model}",
                 "re-export the pack",
             )
+        if manifest.platt is not None and not isinstance(_folded_head(probe), ScoringHead):
+            raise PackError(folder, f"platt scaling is for probe heads; kind {manifest.kind} scales its own scores",
+                            "remove `platt` from manifest.json")
         _check_head(folder, probe)
         if expect is not None and (why := manifest.model.mismatch(expect)):
             raise PackError(
@@ -387,6 +406,7 @@ __all__ = [
     "Aggregation",
     "Calibration",
     "Manifest",
+    "Platt",
     "ModelFingerprint",
     "PackError",
     "ProbePack",

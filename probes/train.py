@@ -37,7 +37,7 @@ from probes.data import Example, data_sha256
 from probes.evaluate import binary_metrics, threshold_at_fpr
 from probes.kinds import probe_kind
 from probes.loso import held_out_scores, unit_folds, unit_metrics
-from probes.pack import Aggregation, Calibration, Manifest, ProbePack
+from probes.pack import Aggregation, Calibration, Manifest, Platt, ProbePack
 
 
 @dataclass
@@ -202,10 +202,11 @@ def sweep(runner: ModelRunner, data: TrainData, spec: TrainSpec, *, progress: bo
 
 
 def choose_aggregation(runner: ModelRunner, pack: ProbePack, data: TrainData, spec: TrainSpec, best: dict, *,
-                       progress: bool = False) -> tuple[Aggregation, list[dict]]:
+                       progress: bool = False) -> tuple[Aggregation, list[dict], np.ndarray]:
     """Score every training row through one bank that holds each held-out-source model under each of
     `spec.aggregations`, read each row from the model that never saw its source, and keep the
-    aggregation with the best leave-one-source-out numbers (ties: the earlier in the list)."""
+    aggregation with the best leave-one-source-out numbers (ties: the earlier in the list).
+    Returns it, the comparison table, and the rows' held-out scores under it."""
     m, units = pack.manifest, best["units"]
     aggs = [Aggregation(**a) for a in spec.aggregations]
     packs = [ProbePack(m.model_copy(update={"id": f"{m.id}-a{a}-u{k}", "aggregation": agg}), probe)
@@ -214,15 +215,28 @@ def choose_aggregation(runner: ModelRunner, pack: ProbePack, data: TrainData, sp
     unit_of = np.empty(len(data.dev), dtype=int)
     for k, (_, _, held) in enumerate(units):
         unit_of[held] = k
-    table = []
+    table, cols = [], []
     for a, agg in enumerate(aggs):
-        col = scores[np.arange(len(data.dev)), a * len(units) + unit_of]
-        loso = unit_metrics(data.dev, units, col)
+        cols.append(scores[np.arange(len(data.dev)), a * len(units) + unit_of])
+        loso = unit_metrics(data.dev, units, cols[-1])
         table.append({"aggregation": agg.model_dump(exclude_none=True), "loso": loso,
                       **{f"loso_{k}": v for k, v in loso.items() if k != "units"}})
     pick = max(range(len(aggs)), key=lambda i: (round(table[i]["loso_auroc"], 4),
                                                  round(table[i]["loso_recall_at_1pct_fpr"], 4), -i))
-    return aggs[pick], table
+    return aggs[pick], table, cols[pick]
+
+
+def fit_platt(probs: np.ndarray, y: np.ndarray, fitted_on: str) -> Platt:
+    """sigmoid(a * logit + b) fitted to held-out scores (per-token logits aggregated by a window
+    saturate the probabilities a pooled fit would give; this puts them back on a readable scale).
+    Probabilities are clipped to float32's resolution before taking logits."""
+    from sklearn.linear_model import LogisticRegression
+
+    eps = float(np.finfo(np.float32).eps)
+    p = np.clip(np.asarray(probs, dtype=np.float64), eps, 1 - eps)
+    z = np.log(p / (1 - p))[:, None]
+    lr = LogisticRegression(C=1e6, max_iter=1000).fit(z, y)
+    return Platt(a=float(lr.coef_[0, 0]), b=float(lr.intercept_[0]), fitted_on=fitted_on, n=len(y))
 
 
 def bank_scores(runner: ModelRunner, packs: list[ProbePack], examples: list[Example], *, batch_size: int = 16,
@@ -305,9 +319,11 @@ def train_pack(runner: ModelRunner, data: TrainData, spec: TrainSpec, *, progres
     pack = ProbePack(manifest, probe)
     aggregation_table = None
     if spec.aggregations and "units" in best:
-        manifest.aggregation, aggregation_table = choose_aggregation(runner, pack, data, spec, best, progress=progress)
+        manifest.aggregation, aggregation_table, held_out = choose_aggregation(runner, pack, data, spec, best,
+                                                                               progress=progress)
         best["loso"] = next(r["loso"] for r in aggregation_table
                             if r["aggregation"] == manifest.aggregation.model_dump(exclude_none=True))
+        manifest.platt = fit_platt(held_out, _labels(data.dev), "training rows, each source held out")
     fold_of = held_out_fold(data.dev, best["folds"])
     cal = out_of_fold_scores(runner, pack, best["fold_probes"], fold_of, data.calibration,
                              batch_size=spec.batch_size, progress=progress)

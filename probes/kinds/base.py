@@ -43,6 +43,12 @@ class ScoringHead:
         """The `monitor.scorers` kind that fuses this head on the device."""
         return "affine" if self.w2 is None else "mlp"
 
+    def scaled(self, a: float, b: float) -> ScoringHead:
+        """The head whose logit is a * logit + b (a pack's Platt scaling, folded in)."""
+        if self.w2 is None:
+            return ScoringHead(self.w1 * a, self.b1 * a + b)
+        return ScoringHead(self.w1, self.b1, self.w2 * a, self.b2 * a + b)
+
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """Reference scoring, for tests and offline use; the bank fuses many heads instead."""
         z = x.to(self.w1.dtype) @ self.w1 + self.b1

@@ -95,6 +95,13 @@ def test_selection_by_held_out_source_picks_the_aggregation_through_the_bank():
     assert m.aggregation == Aggregation(**best["aggregation"])
     assert m.metrics["loso"]["auroc"] == best["loso_auroc"]
     assert set(m.metrics) >= {"loso/adv (harmful)", "loso/hb (harmful)", "loso/alp (benign)", "loso/nq (benign)"}
+    # Platt scaling, fitted on the same held-out scores, is folded into the head: sigmoid(a * logit + b)
+    assert m.platt is not None and m.platt.a > 0 and m.platt.n == len(dev)
+    raw = ProbePack(m.model_copy(update={"platt": None}), pack.probe)
+    p_raw = score_sets(runner, raw, {"d": dev})["d"].astype(np.float64)
+    z = np.log(p_raw / (1 - p_raw))
+    np.testing.assert_allclose(score_sets(runner, pack, {"d": dev})["d"],
+                               1 / (1 + np.exp(-(m.platt.a * z + m.platt.b))), rtol=1e-4, atol=1e-6)
 
     # the bank's scores for a held-out unit are its own model's, under that aggregation
     from probes.train import sweep

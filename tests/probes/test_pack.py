@@ -112,6 +112,21 @@ def test_round_trip_scores_identically(pack_dir, probe):
     assert pack.manifest.layer == 2
 
 
+def test_platt_scaling_is_folded_into_the_head_and_survives_a_round_trip(pack_dir, probe):
+    edit_manifest(pack_dir, platt={"a": 0.25, "b": -1.5, "fitted_on": "held-out rows", "n": 40})
+    pack = ProbePack.load(pack_dir, expect=model_fp())
+    x = torch.randn(8, D)
+    torch.testing.assert_close(pack.head().logits(x), 0.25 * probe.head().logits(x) - 1.5)
+    assert pack.manifest.platt.fitted_on == "held-out rows"
+
+
+@pytest.mark.parametrize("platt, phrase", [({"a": 0.0, "b": 0.0, "fitted_on": "x", "n": 9}, "platt.a"),
+                                           ({"a": 1.0, "b": 0.0, "fitted_on": "x"}, "platt.n")])
+def test_platt_scaling_must_keep_the_order_and_say_what_it_was_fitted_on(pack_dir, platt, phrase):
+    edit_manifest(pack_dir, platt=platt)
+    refused(pack_dir, phrase)
+
+
 def test_manifest_is_readable_json(pack_dir):
     text = (pack_dir / "manifest.json").read_text()
     assert text.startswith("{\n  ") and json.loads(text)["id"] == "toy_deception"

@@ -26,7 +26,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -84,7 +85,9 @@ def recipe_inputs(ref: ProbePack) -> tuple[TrainData, TrainSpec]:
                      pools=[chosen["pool"]], input_format=m.input_format, target_fpr=m.calibration.target_fpr,
                      version=m.version, seed=prov["seed"], batch_size=prov["params"]["batch_size"],
                      folds=prov["params"]["folds"], description=sweep.get("description", ""),
-                     enabled_by_default=sweep.get("enabled_by_default", True))
+                     enabled_by_default=sweep.get("enabled_by_default", True), selection=sweep.get("selection", "cv"),
+                     # the chosen aggregation only: comparing all of them needs every token (LATENTWATCH_FULL_REPRO)
+                     aggregations=[m.aggregation.model_dump(exclude_none=True)] if "aggregations" in sweep else None)
     return data, spec
 
 
@@ -92,8 +95,11 @@ def assert_swept_over_the_cli_grid(ref: ProbePack, runner) -> None:
     """The shipped pack's sweep was the CLI recipe's, and the chosen configuration is in it."""
     params, chosen = ref.manifest.provenance["params"], ref.manifest.provenance["selection"]["chosen"]
     sweep = cli.RECIPE_SWEEPS[ref.manifest.provenance["recipe"]]
-    assert params["hook_points"] == cli.sweep_hook_points(runner.hooks.num_layers)
+    assert params["hook_points"] == cli.sweep_hook_points(runner.hooks.num_layers, sweep.get("sites", ("resid_post",)))
     assert params["probes"] == [list(p) for p in sweep["probes"]] and params["pools"] == sweep["pools"]
+    assert (params["selection"], params["aggregations"]) == (sweep.get("selection", "cv"), sweep.get("aggregations"))
+    if sweep.get("aggregations"):
+        assert ref.manifest.aggregation.model_dump(exclude_none=True) in sweep["aggregations"]
     assert chosen["hook_point"] in params["hook_points"] and chosen["pool"] in params["pools"]
     assert [chosen["kind"], chosen["config"]] in params["probes"]
 
@@ -127,16 +133,22 @@ def record_tape(runner, pack_id: str, folder: Path = FIXTURES, *, progress: bool
     """Write <pack_id>.json (hashes, row ids, spot rows) and <pack_id>.safetensors (activations).
 
     Activations are stored as float16 offsets from a float32 per-feature centre: the residual
-    stream's large constant components would otherwise eat float16's precision.
+    stream's large constant components would otherwise eat float16's precision. A pack whose bank
+    aggregation is not the mean also gets token logits (`token_logits`).
     """
-    data, spec = recipe_inputs(shipped(pack_id, runner))
+    ref = shipped(pack_id, runner)
+    data, spec = recipe_inputs(ref)
     rows = tape_rows(data)
-    x = capture(runner, rows, spec, batch_size=spec.batch_size, progress=progress)
+    tokens = ref.manifest.aggregation.kind != "mean"
+    if tokens:  # one pass for both: the pooled mean is the mean of the token states
+        states = token_states(runner, rows, spec, batch_size=spec.batch_size, progress=progress)
+        x = np.stack([h.mean(0) for h in states])
+    else:
+        x = capture(runner, rows, spec, batch_size=spec.batch_size, progress=progress)
     centre = x.astype(np.float64).mean(0).astype(np.float32)
     spot = np.sort(np.random.default_rng(0).choice(len(rows), N_SPOT, replace=False))
-    folder.mkdir(parents=True, exist_ok=True)
-    save_file({"centre": torch.from_numpy(centre), "offset": torch.from_numpy(x - centre).half(),
-               "spot": torch.from_numpy(x[spot])}, folder / f"{pack_id}.safetensors")
+    tensors = {"centre": torch.from_numpy(centre), "offset": torch.from_numpy(x - centre).half(),
+               "spot": torch.from_numpy(x[spot])}
     meta = {
         "pack_id": pack_id,
         "recorded_with": "scripts/make-pack-fixtures.py",
@@ -146,8 +158,92 @@ def record_tape(runner, pack_id: str, folder: Path = FIXTURES, *, progress: bool
         "sets": {name: {"n": len(v), "data_sha256": data_sha256(v)} for name, v in tape_sets(data).items()},
         "rows": {"n": len(rows), "sha256": rows_sha256(rows), "ids": [e.id for e in rows]},
         "spot_rows": spot.tolist(),
+        "token_logits": tokens,
     }
+    if tokens:
+        replay = ReplayRunner(runner, Tape(meta, centre, x, x[spot], rows))
+        meta["roles"], by_role = role_logits(replay, states, data, spec)
+        for role, logits in by_role.items():
+            lengths = [0 if t is None else len(t) for t in logits]
+            flat = [t for t in logits if t is not None]
+            tensors[f"{role}_logits"] = torch.from_numpy(np.concatenate(flat).astype(np.float32))
+            tensors[f"{role}_lengths"] = torch.tensor(lengths, dtype=torch.int32)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, folder / f"{pack_id}.safetensors")
     (folder / f"{pack_id}.json").write_text(json.dumps(meta, indent=1) + "\n")
+
+
+def token_states(runner, rows: list[Example], spec: TrainSpec, *, batch_size: int,
+                 progress: bool = False) -> list[np.ndarray]:
+    """Every row's scored-token activations [tokens, d_model] at the pack's hook point: what the
+    bank's heads read, through the hooks `ModelRunner.capture` uses."""
+    from monitor.runner import HookPass
+
+    point = runner.hooks.resolve(spec.hook_points[0])
+    items = encode_all(runner, rows, chat=spec.input_format == "chat")
+    out: list[np.ndarray | None] = [None] * len(rows)
+    with runner.attached([point]):
+        for idx, b in runner.batches(items, batch_size, "collecting token activations", progress):
+            def keep(h, idx=idx, scored=b["scored"]):
+                for r, i in enumerate(idx):
+                    out[i] = h[r][scored[r]].float().cpu().numpy()
+
+            runner.hook_pass = HookPass(capture={point: keep}, stop_at=point)
+            runner.forward(b, logits=False)
+    return out
+
+
+def roles(replay: ReplayRunner, data: TrainData, best: dict) -> dict[str, list[str | None]]:
+    """Which model reads each tape row in `train_pack`: `unit` (choosing the aggregation: the model
+    that never saw the row's source) for training rows; `oof` (calibration and held-out sets: the
+    fold model that never saw a training row, else the final one) for what it scores after that.
+    Per role and tape row: "final", "fold<k>", "unit<k>", or None where the role does not read it."""
+    out: dict[str, list[str | None]] = {"unit": [None] * len(replay.row), "oof": [None] * len(replay.row)}
+
+    def read(role: str, e: Example, model: str) -> None:
+        r = replay.row[e.scoring_key]
+        assert out[role][r] in (None, model), f"{e.id}: read by {out[role][r]} and {model}"
+        out[role][r] = model
+
+    for k, (_, _, held) in enumerate(best["units"]):
+        for i in held:
+            read("unit", data.dev[i], f"unit{k}")
+    fold_of = train.held_out_fold(data.dev, best["folds"])
+    for e in [*data.calibration, *(e for rows in data.eval_sets.values() for e in rows)]:
+        read("oof", e, f"fold{fold_of[e.scoring_key]}" if e.scoring_key in fold_of else "final")
+    return out
+
+
+def role_models(best: dict) -> dict[str, object]:
+    return {"final": best["probe"], **{f"fold{k}": p for k, p in enumerate(best["fold_probes"])},
+            **{f"unit{k}": p for k, p in enumerate(best["unit_probes"])}}
+
+
+def role_logits(replay: ReplayRunner, states: list[np.ndarray], data: TrainData, spec: TrainSpec
+                ) -> tuple[dict[str, list[str | None]], dict[str, list[np.ndarray | None]]]:
+    """`roles`, and per role each tape row's token logits under the model that reads it there."""
+    best, _ = train.sweep(replay, data, spec, progress=False)
+    models, names = role_models(best), roles(replay, data, best)
+    return names, {role: [None if m is None else models[m].decision_function(h) for m, h in zip(row_models, states)]
+                   for role, row_models in names.items()}
+
+
+def bank_aggregate(pack: ProbePack, logits: list[np.ndarray]) -> np.ndarray:
+    """Probabilities the bank's own aggregation (`BankState.update`) gives these token logits
+    (of the probe, before the pack's Platt scaling), left-padded like `ModelRunner.batch`."""
+    from monitor.bank import Detector, DetectorBank
+
+    if (platt := pack.manifest.platt) is not None:
+        logits = [platt.a * t + platt.b for t in logits]
+    bank = DetectorBank([Detector.from_pack(pack)], device="cpu")
+    n, width = len(logits), max(len(t) for t in logits)
+    state, mask = bank.state(n), torch.zeros(n, width, dtype=torch.bool)
+    state.begin_step(n, width)
+    for r, t in enumerate(logits):
+        state.step_logits[r, width - len(t):, 0] = torch.from_numpy(t)
+        mask[r, width - len(t):] = True
+    with torch.no_grad():
+        return torch.sigmoid(state.update(mask, prompt=True))[:, 0].numpy()
 
 
 @dataclass
@@ -157,6 +253,8 @@ class Tape:
     x: np.ndarray  # float32 [rows, d_model]: centre + float16 offset
     spot: np.ndarray  # float32 [spot rows, d_model], exactly as captured
     rows: list[Example]
+    # with meta["token_logits"]: per role ("unit", "oof"; see `roles`), each row's token logits or None
+    logits: dict[str, list[np.ndarray | None]] = field(default_factory=dict)
 
     @classmethod
     def load(cls, pack_id: str, data: TrainData) -> Tape:
@@ -167,7 +265,13 @@ class Tape:
         sets = {name: {"n": len(v), "data_sha256": data_sha256(v)} for name, v in tape_sets(data).items()}
         assert sets == meta["sets"], "the recipe's splits changed since the tape was recorded"
         assert [e.id for e in rows] == meta["rows"]["ids"] and rows_sha256(rows) == meta["rows"]["sha256"]
-        return cls(meta, t["centre"].numpy(), (t["centre"] + t["offset"].float()).numpy(), t["spot"].numpy(), rows)
+        logits = {}
+        for role in ("unit", "oof") if meta.get("token_logits") else ():
+            flat, lengths = t[f"{role}_logits"].numpy(), t[f"{role}_lengths"].numpy()
+            ends = np.cumsum(lengths)
+            logits[role] = [flat[e - n:e] if n else None for e, n in zip(ends, lengths)]
+        return cls(meta, t["centre"].numpy(), (t["centre"] + t["offset"].float()).numpy(), t["spot"].numpy(), rows,
+                   logits)
 
     @property
     def spot_rows(self) -> list[Example]:
@@ -196,9 +300,29 @@ class ReplayRunner:
 
 
 def replay_scores(runner: ReplayRunner, packs: list[ProbePack], examples: list[Example], **_) -> np.ndarray:
-    """`train.bank_scores` from the tape: sigmoid(head(mean activation)) in float32, like the bank."""
-    x = torch.from_numpy(runner.tape.x[[runner.row[e.scoring_key] for e in examples]])
-    return np.stack([probs(p, x, runner.tape.meta) for p in packs], axis=1)
+    """`train.bank_scores` from the tape. Mean aggregation: sigmoid(head(mean activation)) in
+    float32, like the bank. Else the bank's aggregation of the recorded token logits of the model
+    each pack stands for; NaN where that model never reads the row in `train_pack` (so a wrong read
+    cannot pass unseen)."""
+    tape, rows = runner.tape, [runner.row[e.scoring_key] for e in examples]
+    if not tape.logits:
+        return np.stack([probs(p, torch.from_numpy(tape.x[rows]), tape.meta) for p in packs], axis=1)
+    out = np.full((len(rows), len(packs)), np.nan)
+    for j, p in enumerate(packs):
+        role, model = pack_model(p)
+        read = [i for i, r in enumerate(rows) if tape.meta["roles"][role][r] == model]
+        if read:
+            out[read, j] = bank_aggregate(p, [tape.logits[role][rows[i]] for i in read])
+    return out
+
+
+def pack_model(pack: ProbePack) -> tuple[str, str]:
+    """(role, model) of a pack `train_pack` builds, by the id it gives it."""
+    if m := re.search(r"-a\d+-u(\d+)$", pack.manifest.id):  # choose_aggregation
+        return "unit", f"unit{m[1]}"
+    if m := re.search(r"-fold(\d+)$", pack.manifest.id):  # out_of_fold_scores
+        return "oof", f"fold{m[1]}"
+    return "oof", "final"
 
 
 def probs(pack: ProbePack, x: torch.Tensor, meta: dict) -> np.ndarray:
@@ -209,7 +333,7 @@ def probs(pack: ProbePack, x: torch.Tensor, meta: dict) -> np.ndarray:
         return torch.sigmoid(head.logits(x)).numpy()
 
 
-def assert_tape_is_the_model(runner, ref: ProbePack, tape: Tape, spec: TrainSpec) -> None:
+def assert_tape_is_the_model(runner, ref: ProbePack, tape: Tape, data: TrainData, spec: TrainSpec) -> None:
     """The real model re-captures the spot rows, and the real bank scores them as the replay does."""
     # Small batches: a few long jailbreak prompts would otherwise pad whole batches to their length.
     live = capture(runner, tape.spot_rows, spec, batch_size=4)
@@ -217,8 +341,20 @@ def assert_tape_is_the_model(runner, ref: ProbePack, tape: Tape, spec: TrainSpec
     stored = tape.x[tape.meta["spot_rows"]]  # the float16 copy the replay uses, within its rounding
     assert (np.abs(stored - tape.spot) <= np.abs(tape.spot - tape.centre) * 2**-10 + 1e-4).all()
     bank = train.bank_scores(runner, [ref], tape.spot_rows[::BANK_STRIDE], batch_size=4)[:, 0]
-    replayed = probs(ref, torch.from_numpy(tape.spot[::BANK_STRIDE]), tape.meta)
+    if not tape.logits:
+        replayed = probs(ref, torch.from_numpy(tape.spot[::BANK_STRIDE]), tape.meta)
+        np.testing.assert_allclose(bank, replayed, atol=1e-5)
+        return
+    states = token_states(runner, tape.spot_rows, spec, batch_size=4)
+    replayed = bank_aggregate(ref, [ref.probe.decision_function(h) for h in states[::BANK_STRIDE]])
     np.testing.assert_allclose(bank, replayed, atol=1e-5)
+    # the recorded token logits are these activations under the models train_pack refits from the tape
+    # (which differ from the recording's by the tape's float16 rounding)
+    models = role_models(train.sweep(ReplayRunner(runner, tape), data, spec, progress=False)[0])
+    for role, names in tape.meta["roles"].items():
+        for r, h in zip(tape.meta["spot_rows"], states):
+            if names[r] is not None:
+                np.testing.assert_allclose(models[names[r]].decision_function(h), tape.logits[role][r], atol=0.05)
 
 
 # ----------------------------------------------------------------------------- the tests
@@ -232,13 +368,14 @@ def test_recipe_reproduces_the_shipped_pack(pack_id, smollm2, monkeypatch):
     tape = Tape.load(pack_id, data)
     assert (tape.meta["hook_point"], tape.meta["pool"]) == (spec.hook_points[0], spec.pools[0])
     assert_swept_over_the_cli_grid(ref, smollm2)
-    assert_tape_is_the_model(smollm2, ref, tape, spec)
+    assert_tape_is_the_model(smollm2, ref, tape, data, spec)
 
     monkeypatch.setattr(train, "bank_scores", replay_scores)
     fresh, _ = train_pack(ReplayRunner(smollm2, tape), data, spec, progress=False)
     assert fresh.manifest.provenance["data_sha256"] == prov["data_sha256"]
-    assert fresh.manifest.provenance["selection"]["chosen"]["cv_auroc"] == pytest.approx(
-        prov["selection"]["chosen"]["cv_auroc"], abs=1e-4)
+    chosen = prov["selection"]["chosen"]
+    for key in [k for k in chosen if k == "cv_auroc" or k.startswith("loso_")]:
+        assert fresh.manifest.provenance["selection"]["chosen"][key] == pytest.approx(chosen[key], abs=1e-4), key
     assert (fresh.manifest.description, fresh.manifest.enabled_by_default) == \
         (ref.manifest.description, ref.manifest.enabled_by_default)
     assert fresh.manifest.metrics.keys() == ref.manifest.metrics.keys()
@@ -267,3 +404,21 @@ def test_deception_recipe_reproduces_the_shipped_pack(smollm2, monkeypatch, tmp_
     assert fresh.manifest.provenance["selection"]["chosen"] == ref.manifest.provenance["selection"]["chosen"]
     assert_same_pack(fresh, ref, ["liedetector_qa"])
     assert json.loads((tmp_path / "d" / "manifest.json").read_text())["description"] == ref.manifest.description
+
+
+# -------------------------------------------------------------------------- how they behave
+
+# Benign text a user may paste many times over: a statement, a question, and the single token that
+# mean pooling once scored 0.88. Counts from 1 to 300, denser where short inputs change fastest.
+REPEATED = ("The weather in Rome is lovely in spring. ", "What time does the library open on Sundays? ", " I")
+REPEATS = (1, 2, 3, 4, 5, 6, 8, 10, 12, 15, 20, 25, 30, 40, 50, 60, 80, 100, 130, 160, 200, 250, 300)
+
+
+def test_benign_text_repeated_up_to_300_times_never_crosses_harmful_intents_threshold(smollm2):
+    """Long or repetitive input must not drift into a flag (issue 12: x60 once scored 0.91)."""
+    ref = shipped("harmful_intent", smollm2)
+    rows = [Example(text=(s * k).strip()) for s in REPEATED for k in REPEATS]
+    scores = train.bank_scores(smollm2, [ref], rows, batch_size=1)[:, 0]
+    worst = int(np.argmax(scores))
+    assert scores[worst] < ref.manifest.threshold, \
+        f"{REPEATED[worst // len(REPEATS)]!r} x{REPEATS[worst % len(REPEATS)]} scored {scores[worst]:.3f}"
