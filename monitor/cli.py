@@ -71,15 +71,32 @@ def load_pack_folders(folders: list[Path], runner=None, detectors: list[str] | N
     return [p for p in loaded if p.manifest.id in detectors]
 
 
-def load_recipe(recipe: str, datasets: str | None, seed: int):
+MODEL_RECIPES = ("harmful_completion",)  # recipes whose rows the model writes (its own answers)
+
+
+def load_recipe(recipe: str, datasets: str | None, seed: int, runner=None):
     from probes.recipes import RECIPES, datasets_dir
 
-    if recipe not in RECIPES:
-        fail(f"unknown recipe {recipe!r}; known: {sorted(RECIPES)}")
+    if recipe not in RECIPES and recipe not in MODEL_RECIPES:
+        fail(f"unknown recipe {recipe!r}; known: {sorted([*RECIPES, *MODEL_RECIPES])}")
+    if recipe in MODEL_RECIPES and runner is None:
+        fail(f"--recipe {recipe} is for `latentwatch train`: its rows are the model's own answers")
     try:
+        if recipe in MODEL_RECIPES:
+            return completion_recipe(runner, datasets_dir(datasets), seed)
         return RECIPES[recipe](datasets_dir(datasets), seed=seed)
     except (FileNotFoundError, ValueError) as e:
         fail(str(e))
+
+
+def completion_recipe(runner, root: Path, seed: int):
+    """harmful_completion's rows: the model answers the v2 recipe's requests, plainly and with the
+    shipped refusal vector on."""
+    from probes.completion import completion_splits
+    from probes.vectors import load_vector_pack, shipped_vectors_dir
+
+    refusal = load_vector_pack(shipped_vectors_dir() / "refusal", expect=runner.fingerprint).steering()
+    return completion_splits(runner, refusal, root, seed=seed, progress=True)
 
 
 # ------------------------------------------------------------------------------------ train
@@ -94,6 +111,11 @@ RECIPE_SWEEPS = {
     "harmful_intent": {"probes": LOGISTIC_GRID, "pools": ["mean", "last"], "calibration": "dev_benign"},
     "harmful_intent_v2": {"probes": LOGISTIC_GRID_V2, "pools": ["mean"], "calibration": "dev_benign",
                           "selection": "loso", "aggregations": WINDOWS, "sites": ("resid_post", "mlp_out", "attn_out")},
+    "harmful_completion": {"probes": LOGISTIC_GRID_V2, "pools": ["mean"], "calibration": "benign_answers",
+                           "selection": "loso", "aggregations": WINDOWS, "enabled_by_default": False,
+                           "description": "Harmful content in the model's own answer: reads generated tokens "
+                                          "in a policy rule with `where: completion`. Off by default: read its "
+                                          "catch_curve metrics for your model first."},
     "deception": {"probes": [*LOGISTIC_GRID, ("lat", {}), ("diff_means", {})], "pools": ["mean"],
                   "calibration": "dev_honest", "enabled_by_default": False,
                   "description": "Apollo-style instructed-pairs deception probe. Off by default: check the "
@@ -137,7 +159,8 @@ def check_train_options(kind: list[str] | None, hook_point: list[str] | None, po
 @app.command()
 def train(
     out_dir: Annotated[Path, typer.Option("--out", help="folder to write the probe pack to")],
-    recipe: Annotated[str | None, typer.Option(help="harmful_intent, harmful_intent_v2, deception or deception_v2 "
+    recipe: Annotated[str | None, typer.Option(help="harmful_intent, harmful_intent_v2, harmful_completion (the "
+                                               "model's own answers), deception or deception_v2 "
                                                "(reads ../shared/datasets)")] = None,
     data: Annotated[Path | None, typer.Option(help="labelled JSONL: {text|messages, label}")] = None,
     val: Annotated[Path | None, typer.Option(help="more labelled JSONL, pooled with --data")] = None,
@@ -182,8 +205,9 @@ def train(
         except SAEError as e:
             fail(f"--sae: {e}")
     sweep = RECIPE_SWEEPS.get(recipe or "", {})
+    runner = load_runner(model, device) if recipe in MODEL_RECIPES else None
     if recipe:
-        splits = load_recipe(recipe, datasets, seed)
+        splits = load_recipe(recipe, datasets, seed, runner)
         cal_name = sweep["calibration"]
         tdata = TrainData(splits.train + splits.val, cal_name, splits.calibration[cal_name],
                           {"test": splits.test, **splits.eval_sets}, recipe=recipe)
@@ -201,7 +225,7 @@ def train(
         evals = [(p, read_examples(p, labelled=True)) for p in eval_data or []]
         inputs += evals
         tdata = TrainData(dev, cal_name, cal_rows, {p.stem: rows for p, rows in evals})
-    runner = load_runner(model, device)
+    runner = runner or load_runner(model, device)
     for source, rows in inputs:
         encode_rows(runner, rows, chat=not raw, source=source)
     spec = TrainSpec(
@@ -226,12 +250,28 @@ def train(
         pack.save(out_dir)
     except (ValueError, OSError) as e:  # PackError is a ValueError
         fail(str(e))
+    if recipe in MODEL_RECIPES:
+        write_catch_curve(runner, pack, out_dir, datasets, seed, batch_size)
     m = pack.manifest
     scaled = f", Platt-scaled (a {m.platt.a:.3g}, b {m.platt.b:.3g})" if m.platt else ""
     console.print(f"[green]wrote[/] {out_dir}  ({m.kind} @ {m.hook_point}, {m.aggregation.kind} pooling{scaled}, "
                   f"threshold {m.threshold:.4f} at {target_fpr:.2%} FPR on {m.calibration.benign_set}; "
                   f"best of {len(table)} candidate(s))")
     print_metrics(m.metrics)
+
+
+def write_catch_curve(runner, pack, out_dir: Path, datasets: str | None, seed: int, batch_size: int) -> None:
+    """What a completion detector adds to the shipped `harmful_intent` while the model writes: into
+    the manifest (`metrics["catch_curve"]`) and `catch_curve.png` beside it."""
+    from probes.completion import catch_curve, catch_curve_requests
+    from probes.recipes import datasets_dir
+
+    (intent,) = load_pack_folders(pack_folders(None, ["harmful_intent"]), runner)
+    wrapped, benign = catch_curve_requests(datasets_dir(datasets), seed)
+    curve = catch_curve(runner, intent, pack, wrapped, benign, batch_size=batch_size, progress=True)
+    pack.manifest.metrics["catch_curve"] = {k: float(v) for k, v in curve.summary().items() if v is not None}
+    pack.save(out_dir)
+    curve.figure().savefig(out_dir / "catch_curve.png", dpi=120)
 
 
 def print_metrics(metrics: dict[str, dict[str, float]]) -> None:

@@ -13,6 +13,7 @@ Text that could still begin a stop string is held back until it is ruled out or 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -330,13 +331,15 @@ def complete(
     *,
     batch_size: int = 16,
     bank: DetectorBank | None = None,
-    steering: Steering | None = None,
+    steering: list[Steering] | None = None,
+    on_token: Callable[[int, TokenEvent], None] | None = None,
     progress: bool = False,
     desc: str = "generating",
 ) -> tuple[list[str], np.ndarray | None]:
     """Offline generation: every prompt's completion, `batch_size` at a time in order (the same
     inputs give the same batches, so greedy runs repeat), `steering` on every row. With a `bank`,
-    also each row's last running aggregate [prompts, detectors]."""
+    also each row's last running aggregate [prompts, detectors]. `on_token(prompt index, event)`
+    sees every generated token."""
     from tqdm.auto import tqdm
 
     texts = [""] * len(prompts)
@@ -344,12 +347,14 @@ def complete(
     with tqdm(total=len(prompts), desc=desc, unit="prompt", disable=not progress) as bar:
         for start in range(0, len(prompts), batch_size):
             rows = slice(start, start + batch_size)
-            steer = None if steering is None else [[steering]] * len(prompts[rows])
+            steer = None if steering is None else [steering] * len(prompts[rows])
             for events in Generation(runner, prompts[rows], sampling[rows], bank, steer):
                 for e in events:
                     texts[start + e.row] += e.text
                     if aggregates is not None:
                         aggregates[start + e.row] = e.aggregate
+                    if on_token is not None:
+                        on_token(start + e.row, e)
             bar.update(len(prompts[rows]))
     return texts, aggregates
 

@@ -278,7 +278,7 @@ def run_causal(
         steering = Steering(det.hook_point, "add", u, k * scale, "all", id=f"{det.id}:direction")
         # the same batches for every coefficient; the score is prompt + completion as the steered model read it
         texts, steered = complete(runner, items, [Sampling(max_new_tokens=max_new_tokens)] * len(items),
-                                  batch_size=batch_size, bank=bank, steering=steering)
+                                  batch_size=batch_size, bank=bank, steering=[steering])
         talks = [Example(messages=(*_chat(e), Message("assistant", t))) for (_, e), t in zip(prompts, texts)]
         reread = runner.score(
             [runner.encode(messages=c.messages, chat=True) for c in talks], bank, batch_size=batch_size

@@ -1,7 +1,7 @@
 """The packs shipped in probes/packs are what their recipes produce from the shared datasets.
 
 The default test proves it end to end in about a minute, with a recorded tape of the model's
-pooled activations in place of the ~10k forward passes (see tests/probes/fixtures/README.md):
+activations in place of the ~14k forward passes (see tests/probes/fixtures/README.md):
 
 1. The recipe rebuilds its splits from the shared datasets: the training and calibration data
    hashes must equal the shipped manifest's, and every row (ids and contents, in order) the
@@ -9,18 +9,19 @@ pooled activations in place of the ~10k forward passes (see tests/probes/fixture
 2. The real model re-captures a recorded random subset of the tape's rows (200 per pack) and must
    give the same pooled activations (1e-4); the real detector bank must score some of them as the
    replay does (for a mean-aggregated affine head, the mean of per-token logits is the logit of
-   the mean activation).
+   the mean activation; for a windowed aggregation the tape holds token logits, re-derived here).
 3. `train_pack` itself runs at the pack's chosen configuration on a runner that replays the
-   tape: the same code draws the folds, refits, calibrates out of fold and evaluates. Weights
-   (5e-4: the tape is float16), threshold (1e-3), calibration, the chosen candidate's cross-validated AUROC (1e-4)
-   and every shipped metric of every set (0.01) must match the manifest.
+   tape: the same code draws the folds and held-out sources, refits, scores the chosen
+   aggregation, fits Platt scaling, calibrates out of fold and evaluates. Weights (5e-4: the tape
+   is float16), threshold (1e-3), calibration, the chosen candidate's cross-validated and
+   held-out-source numbers (1e-4) and every shipped metric of every set (0.01) must match.
 
-Full retraining through the model (harmful_intent at its chosen configuration, ~10 minutes on
-2 cores; deception's whole CLI recipe, including the 55-candidate sweep) runs only with
+Comparing aggregations needs every token under every held-out-source model, so the replay scores
+the chosen one only; full retraining through the model (harmful_intent at its chosen
+configuration; deception's whole CLI recipe, including the 55-candidate sweep) runs only with
 LATENTWATCH_FULL_REPRO=1. After retraining a shipped pack, re-record its tape:
-`.venv/bin/python scripts/make-pack-fixtures.py [PACK_ID ...]` (~20 minutes on 2 cores).
+`.venv/bin/python scripts/make-pack-fixtures.py [PACK_ID ...]` (~10 minutes a pack on 2 cores).
 """
-
 from __future__ import annotations
 
 import hashlib
@@ -63,6 +64,12 @@ def assert_same_pack(fresh: ProbePack, ref: ProbePack, sets: list[str], weights_
     for name, t in ref.probe.tensors().items():
         np.testing.assert_allclose(fresh.probe.tensors()[name].numpy(), t.numpy(), atol=weights_atol, rtol=1e-4)
     assert fresh.manifest.threshold == pytest.approx(ref.manifest.threshold, abs=1e-3)
+    if ref.manifest.platt is None:
+        assert fresh.manifest.platt is None
+    else:
+        got, want = fresh.manifest.platt, ref.manifest.platt
+        assert (got.n, got.fitted_on) == (want.n, want.fitted_on)
+        assert (got.a, got.b) == (pytest.approx(want.a, abs=1e-4), pytest.approx(want.b, abs=1e-4))
     assert fresh.manifest.calibration == ref.manifest.calibration
     for name in sets:
         got, want = fresh.manifest.metrics[name], ref.manifest.metrics[name]

@@ -93,6 +93,8 @@ def test_cli_errors_say_what_to_fix(files, tmp_path):
     result = runner.invoke(cli.app, ["score", "--input", str(files / "unlabelled.jsonl"), "--output",
                                      str(tmp_path / "o.jsonl"), "--detector", "nope"])
     assert result.exit_code == 2 and "unknown detector id" in result.output
+    result = runner.invoke(cli.app, ["eval", "--recipe", "harmful_completion", "--detector", "harmful_intent"])
+    assert result.exit_code == 2 and "its rows are the model's own answers" in result.output
 
 
 def test_train_output_lists_each_held_out_source_apart_from_the_held_out_sets(capsys):
