@@ -86,6 +86,8 @@ class ReportData:
     notes: list[str] = field(default_factory=list)
     # each source held out (probes.loso): method -> unit name -> metrics; "all (pooled)" first
     loso: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)
+    # serving aggregations compared on held-out sources: aggregation, loso_auroc, ...; `chosen` marks the pack's
+    aggregations: list[dict[str, Any]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.primary not in self.methods:
@@ -408,6 +410,20 @@ def _loso_html(report: ReportData) -> str:
             f"<tbody>{''.join(body)}</tbody></table>")
 
 
+def _aggregations_html(report: ReportData) -> str:
+    if not report.aggregations:
+        return ('<p class="muted">The pack records no comparison of aggregations (a recipe selected by held-out '
+                "source makes one).</p>")
+    body = []
+    for r in report.aggregations:
+        agg = ", ".join(f"{k} {v}" if k != "kind" else str(v) for k, v in r["aggregation"].items())
+        mark = " (shipped)" if r.get("chosen") else ""
+        body.append(f'<tr><td class="l">{html.escape(agg + mark)}</td><td>{_fmt(r.get("loso_auroc"))}</td>'
+                    f'<td>{_fmt(r.get("loso_recall_at_1pct_fpr"))}</td><td>{_fmt(r.get("loso_worst_unit_auroc"))}</td></tr>')
+    return ('<table><thead><tr><th class="l">aggregation</th><th>AUROC</th><th>recall @1% FPR</th>'
+            f"<th>worst source AUROC</th></tr></thead><tbody>{''.join(body)}</tbody></table>")
+
+
 def _verdicts_html(report: ReportData, vs: list[dict[str, Any]]) -> str:
     if not vs:
         return '<p class="muted">No calibrated baseline to compare with.</p>'
@@ -459,6 +475,10 @@ every row scored by a model that never saw its source. Harmful sources: AUROC ag
 at the threshold that flags 1% of the benign rows; benign sources: AUROC of every harmful row against it and its
 FPR at that threshold. The pooled test split above mixes every source into training; this does not.</p>
 {_loso_html(report)}</section>
+<section><h2>Serving aggregation</h2><p class="muted">How the bank pools token scores, each candidate scored on
+the same held-out sources (every row by the model that never saw its source); the best AUROC, then recall, ships.
+A mean drifts on long or repetitive input; the max of rolling means needs a window of evidence.</p>
+{_aggregations_html(report)}</section>
 <section><h2>ROC curves</h2>{roc or '<p class="muted">The combined set lacks one of the labels.</p>'}</section>
 <section><h2>Score histograms ({html.escape(report.primary)})</h2>{histogram_plot(report)}</section>
 <section><h2>Layer sweep</h2>{sweep or '<p class="muted">No sweep recorded in the manifest.</p>'}</section>
@@ -488,6 +508,7 @@ def write_report(out_dir: str | Path, report: ReportData) -> Path:
         "verdicts": vs,
         "sweep": report.sweep,
         "loso": report.loso,
+        "aggregations": report.aggregations,
         "notes": report.notes,
     }
     (out / "results.json").write_text(json.dumps(_clean(summary), indent=2), encoding="utf-8")
@@ -613,6 +634,8 @@ def build_report_data(runner, pack, splits, *, compare=(), baselines: bool = Tru
         manifest=summary,
         notes=notes,
         loso=loso,
+        aggregations=[{**r, "chosen": r["aggregation"] == m.aggregation.model_dump(exclude_none=True)}
+                      for r in m.provenance.get("selection", {}).get("aggregations", [])],
     )
 
 

@@ -193,7 +193,8 @@ def test_a_pack_selected_by_held_out_source_reports_each_source_beside_tfidf(tmp
     runner = tiny_runner("llama")
     dev = rows(HARMFUL, 1, "adv") + rows(HARMFUL[::-1], 1, "hb") + rows(BENIGN, 0, "alp") + rows(BENIGN, 0, "nq")
     test = rows(HARMFUL, 1, "t") + rows(BENIGN, 0, "u")
-    spec = TrainSpec(pack_id="tiny", hook_points=["blocks.1.resid_post"], batch_size=8, folds=3, selection="loso")
+    spec = TrainSpec(pack_id="tiny", hook_points=["blocks.1.resid_post"], batch_size=8, folds=3, selection="loso",
+                     aggregations=[{"kind": "mean"}, {"kind": "max_rolling_mean", "window": 2}])
     pack, _ = train_pack(runner, TrainData(dev, "benign", [e for e in dev if e.label == 0]), spec, progress=False)
     splits = Splits(dev, [], test, calibration={"benign": [e for e in dev if e.label == 0]})
     data = build_report_data(runner, pack, splits, n_heatmaps=0, batch_size=8, progress=False)
@@ -201,8 +202,11 @@ def test_a_pack_selected_by_held_out_source_reports_each_source_beside_tfidf(tmp
     assert list(data.loso) == ["probe", "tfidf"] and list(data.loso["probe"]) == units
     assert set(data.loso["tfidf"]) == set(units)
     assert data.loso["probe"]["adv (harmful)"] == pack.manifest.metrics["loso/adv (harmful)"]
+    assert [r["aggregation"]["kind"] for r in data.aggregations] == ["mean", "max_rolling_mean"]
+    assert [r["chosen"] for r in data.aggregations].count(True) == 1
     page = write_report(tmp_path, data).read_text()
     assert "Each source held out" in page and all(u in page for u in units[1:])
+    assert "Serving aggregation" in page and "(shipped)" in page and "max_rolling_mean, window 2" in page
     assert json.loads((tmp_path / "results.json").read_text())["loso"]["tfidf"]["nq (benign)"]["n_neg"] == len(BENIGN)
 
 
