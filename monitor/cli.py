@@ -109,7 +109,8 @@ SAE_PROBE_GRID = [("sae_probe", {"C": c}) for c in (0.03, 0.1, 0.3)]
 WINDOWS = [{"kind": "mean"}] + [{"kind": "max_rolling_mean", "window": w} for w in (4, 8, 16)]
 RECIPE_SWEEPS = {
     "harmful_intent": {"probes": LOGISTIC_GRID, "pools": ["mean", "last"], "calibration": "dev_benign"},
-    "harmful_intent_v2": {"probes": LOGISTIC_GRID_V2, "pools": ["mean"], "calibration": "dev_benign",
+    # `version`: what a pack records, and every alert with it; a recipe that changes the probe bumps it
+    "harmful_intent_v2": {"probes": LOGISTIC_GRID_V2, "pools": ["mean"], "calibration": "dev_benign", "version": "2",
                           "selection": "loso", "aggregations": WINDOWS, "sites": ("resid_post", "mlp_out", "attn_out")},
     "harmful_completion": {"probes": LOGISTIC_GRID_V2, "pools": ["mean"], "calibration": "benign_answers",
                            "selection": "loso", "aggregations": WINDOWS, "enabled_by_default": False,
@@ -121,7 +122,7 @@ RECIPE_SWEEPS = {
                   "description": "Apollo-style instructed-pairs deception probe. Off by default: check the "
                                  "liedetector_qa metrics for your model before enabling it (on SmolLM2-135M it "
                                  "is at chance there)."},
-    "deception_v2": {"probes": [*LOGISTIC_GRID, ("lat", {}), ("diff_means", {})], "pools": ["mean"],
+    "deception_v2": {"probes": [*LOGISTIC_GRID, ("lat", {}), ("diff_means", {})], "pools": ["mean"], "version": "2",
                      "calibration": "dev_honest", "enabled_by_default": False,
                      "description": "Deception probe trained on instructed pairs and on LieDetector Q/A lies and "
                                     "truths (its test questions held out). Off by default: read its liedetector_qa "
@@ -239,6 +240,7 @@ def train(
         seed=seed,
         batch_size=batch_size,
         folds=folds,
+        version=sweep.get("version", "1"),
         selection=sweep.get("selection", "cv"),
         aggregations=sweep.get("aggregations"),
         description=f"SAE-feature detector on the latents of SAE {sae}" if sae else sweep.get("description", ""),
