@@ -28,7 +28,7 @@ import torch
 from monitor.generation import Generation, Sampling
 from monitor.runner import Encoded, ModelRunner
 from probes.data import write_jsonl
-from probes.recipes import datasets_dir, harmful_intent_splits
+from probes.recipes import RECIPES, datasets_dir, harmful_intent_splits
 from probes.refusal import is_refusal
 from probes.vectors import open_vector_pack, save_vector_pack
 
@@ -57,18 +57,13 @@ COMPLIANCES = (
 
 def write_data(out: Path, datasets: str | None, contrast: str) -> None:
     """Training files from the recipe's training rows (train + val); Alpaca left out, the test side never read."""
-    s = harmful_intent_splits(datasets_dir(datasets), seed=SEED)
-    rows = s.train + s.val
-    harmful = [e for e in rows if e.label == 1 and len(e.text) <= MAX_CHARS]
-    random.Random(SEED).shuffle(harmful)
-    benign = [e for e in rows if e.label == 0 and e.source != "alpaca"]
+    harmful, benign = training_requests(datasets)
     if contrast == "requests":
         files = {
             "harmful.jsonl": sorted(harmful[:N_HARMFUL], key=lambda e: e.id),
             "benign.jsonl": sorted(benign, key=lambda e: e.id),
         }
     else:
-        random.Random(SEED).shuffle(benign)
         prompts = sorted(harmful[:N_PROMPTS] + benign[:N_PROMPTS], key=lambda e: e.id)
 
         def answered(answers):  # line i of both files answers the same request, so `pca` pairs them
@@ -91,10 +86,26 @@ def write_data(out: Path, datasets: str | None, contrast: str) -> None:
         print(f"wrote {out / name} ({len(data)} rows)")
 
 
-def held_out(datasets: str | None) -> tuple[list[str], list[str]]:
+def training_requests(datasets: str | None):
+    """The harmful_intent recipe's train + val requests the vector's files draw from, in the seeded
+    order they are taken in (harmful: short ones only; benign: Alpaca left out)."""
     s = harmful_intent_splits(datasets_dir(datasets), seed=SEED)
-    harmful = [e.text for e in s.eval_sets["test_harmful"] if e.source == "jbb_behaviors"]
-    return harmful, [e.text for e in s.eval_sets["jbb_benign"]]
+    rows = s.train + s.val
+    harmful = [e for e in rows if e.label == 1 and len(e.text) <= MAX_CHARS]
+    random.Random(SEED).shuffle(harmful)
+    benign = [e for e in rows if e.label == 0 and e.source != "alpaca"]
+    random.Random(SEED).shuffle(benign)
+    return harmful, benign
+
+
+def held_out(datasets: str | None, recipe: str = "harmful_intent") -> tuple[list[str], list[str]]:
+    """JailbreakBench behaviours and their benign twins from `recipe`'s test side, less any request
+    the vector was built from (none for its own recipe; harmful_intent_v2 splits its groups anew)."""
+    s = RECIPES[recipe](datasets_dir(datasets), seed=SEED)
+    harmful, benign = training_requests(datasets)
+    seen = {e.text for e in harmful[:N_PROMPTS] + benign[:N_PROMPTS]}
+    return ([e.text for e in s.eval_sets["test_harmful"] if e.source == "jbb_behaviors" and e.text not in seen],
+            [e.text for e in s.eval_sets["jbb_benign"] if e.text not in seen])
 
 
 def generate(runner: ModelRunner, prompts: list[Encoded], steering: list, tokens: int) -> list[list[int]]:

@@ -2,8 +2,9 @@
 and without it (an alert-only policy), measured in the same run.
 
 Held-out prompts only: JailbreakBench harmful behaviours and their topic-matched benign twins from the
-harmful_intent recipe's test side (the probe and the refusal vector never trained on them), and
-ordinary questions from NQ-Open (no shipped detector or vector trained on them). Greedy, over gRPC
+harmful_intent_v2 recipe's test side, less the requests the refusal vector was built from (neither the
+probe nor the vector trained on them), and
+ordinary questions from the same recipe's NQ-Open test side. Greedy, over gRPC
 to an in-process server with the default model and shipped packs. Refusals: probes.refusal (the
 shared phrase matcher). Perplexity: the unsteered model's, on the benign completions.
 
@@ -26,7 +27,7 @@ from refusal_vector import held_out, perplexity
 from monitor.client import Client, Intervention, Summary, Token
 from monitor.config import Settings
 from monitor.runner import ModelRunner
-from probes.recipes import datasets_dir
+from probes.recipes import RECIPES, datasets_dir
 from probes.refusal import is_refusal
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -60,8 +61,8 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=20, help="per set (JBB's test side holds 20 of each)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
-    harmful, twins = held_out(None)
-    nq = [json.loads(line)["text"] for line in (datasets_dir() / "nq_open" / "nq_open_dev.jsonl").open()]
+    harmful, twins = held_out(None, "harmful_intent_v2")  # the test side of the recipe harmful_intent came from
+    nq = [e.text for e in RECIPES["harmful_intent_v2"](datasets_dir(), seed=0).eval_sets["nq_open"]]  # its test side
     sets = {"JBB harmful": harmful[:args.prompts], "JBB benign twins": twins[:args.prompts],
             "NQ-Open questions": nq[:args.prompts]}
     runner = ModelRunner.load()

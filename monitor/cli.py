@@ -348,7 +348,12 @@ def eval_(
     if compare and not report:
         fail("--compare adds columns to the report: give --report FOLDER too")
     folders = pack_folders(pack, detector)
-    load_pack_folders(folders, detectors=detector)  # before the model loads
+    for p in load_pack_folders(folders, detectors=detector):  # before the model loads
+        trained_on = p.manifest.provenance.get("recipe")
+        if recipe and trained_on and trained_on != recipe:
+            console.print(f"[yellow]warning:[/] {p.manifest.id} was trained on the {trained_on} recipe, which "
+                          f"splits rows differently: {recipe}'s held-out sets can hold rows it trained on. "
+                          f"Score it with --recipe {trained_on}.")
     others = compare_folders(compare or [])
     load_pack_folders(others)
     runner = load_runner(model, device)

@@ -84,6 +84,14 @@ def test_eval_prints_a_table_by_default(tiny, labelled):
     assert "toy" in result.stdout and "AUROC" in result.stdout and "labelled" in result.stdout
 
 
+def test_eval_warns_when_a_pack_is_scored_on_another_recipes_held_out_sets(no_model):
+    """The shipped harmful_intent trained on harmful_intent_v2, whose training rows hold most of the
+    v1 recipe's test split: scoring it there would report numbers on rows it has seen."""
+    result = run("eval", "--recipe", "harmful_intent", "--detector", "harmful_intent")
+    assert isinstance(result.exception, AssertionError)  # it goes on to load the model: a warning, not an error
+    assert "warning: harmful_intent was trained on the harmful_intent_v2 recipe" in " ".join(result.stderr.split())
+
+
 def test_eval_report_writes_the_report_folder(tiny, labelled, tmp_path):
     result = run("eval", "--pack", tiny["pack"], "--data", labelled, "--model", tiny["model"], "--device", "cpu",
                  "--report", tmp_path / "report")

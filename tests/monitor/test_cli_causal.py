@@ -10,7 +10,7 @@ import pytest
 
 from monitor.runner import ModelRunner
 from probes.kinds.mlp import MlpConfig, MlpProbe
-from probes.pack import Manifest, ProbePack
+from probes.pack import Manifest, ProbePack, shipped_packs
 from tests.monitor.cli_helpers import error_line, run
 from tests.monitor.server_fixtures import make_pack
 from tests.tiny import tiny_model, tiny_tokenizer
@@ -117,7 +117,7 @@ def test_causal_json_and_report(tiny, tmp_path):
         (["--pack", "PACK", "--data", "DATA", "--compare", "PACK"], "--compare: the causal check steers one detector"),
         (["--pack", "PACK", "--data", "HARMFUL"], "--data: no harmless prompts (label 0)"),
         (["--pack", "PACK", "--data", "DATA", "--recipe", "harmful_intent"], "from --data FILE or from --recipe NAME"),
-        (["--pack", "PACK"], "pack toy names no recipe: give --recipe harmful_intent or --data FILE"),
+        (["--pack", "PACK"], "pack toy names no recipe: give --recipe harmful_intent or harmful_intent_v2 or --data"),
         (["--pack", "PACK", "--recipe", "deception"], "--recipe deception has no harmful and harmless prompts"),
         (["--detector", "no_such_probe"], "unknown detector id(s) ['no_such_probe']"),
     ],
@@ -131,3 +131,15 @@ def test_causal_user_errors_are_one_line_before_the_model_loads(tiny, no_model, 
 def test_causal_options_without_causal_are_an_error(tiny, no_model):
     line = error_line(run("eval", "--pack", tiny["pack"], "--data", tiny["data"], "--prompts", 3))
     assert "--coefficients, --prompts and --max-new-tokens set up the causal check: add --causal" in line
+
+
+def test_the_shipped_harmful_intent_recipe_holds_paired_causal_prompts():
+    """`eval --causal --detector harmful_intent` reads the pack's own recipe's held-out pairs."""
+    from probes.causal import CAUSAL_RECIPES, recipe_prompts
+    from probes.recipes import RECIPES
+
+    prov = ProbePack.load(shipped_packs()["harmful_intent"][0]).manifest.provenance
+    assert prov["recipe"] in CAUSAL_RECIPES
+    sets = recipe_prompts(RECIPES[prov["recipe"]](None, seed=prov["seed"]))
+    assert len(sets["harmful"]) == len(sets["harmless"]) >= 16
+    assert [e.group for e in sets["harmful"]] == [e.group for e in sets["harmless"]]

@@ -32,7 +32,7 @@ def test_json_lists_the_rules_as_they_will_run(no_model):
     assert got["version"].startswith("cascade-v1@")
     assert [(r["id"], r["action"].split()[0]) for r in got["rules"]] == [("block-clear", "block"),
                                                                        ("escalate-uncertain", "escalate")]
-    assert got["rules"][1]["when"] == "score in [0.35, 0.761), where prompt"
+    assert got["rules"][1]["when"] == "score in [0.064, 0.531), where prompt"
 
 
 @pytest.mark.parametrize("text, lines", [
