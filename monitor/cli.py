@@ -110,13 +110,16 @@ WINDOWS = [{"kind": "mean"}] + [{"kind": "max_rolling_mean", "window": w} for w 
 RECIPE_SWEEPS = {
     "harmful_intent": {"probes": LOGISTIC_GRID, "pools": ["mean", "last"], "calibration": "dev_benign"},
     # `version`: what a pack records, and every alert with it; a recipe that changes the probe bumps it
+    # `reads`: a request detector's rules decide on the prompt (its answers were never trained on)
     "harmful_intent_v2": {"probes": LOGISTIC_GRID_V2, "pools": ["mean"], "calibration": "dev_benign", "version": "2",
+                          "reads": "prompt",
                           "selection": "loso", "aggregations": WINDOWS, "sites": ("resid_post", "mlp_out", "attn_out")},
     "harmful_completion": {"probes": LOGISTIC_GRID_V2, "pools": ["mean"], "calibration": "benign_answers",
+                           "reads": "completion",
                            "selection": "loso", "aggregations": WINDOWS, "enabled_by_default": False,
-                           "description": "Harmful content in the model's own answer: reads generated tokens "
-                                          "in a policy rule with `where: completion`. Off by default: read its "
-                                          "catch_curve metrics for your model first."},
+                           "description": "Harmful content in the model's own answer: its rules read the "
+                                          "generated tokens only. Off by default: read its catch_curve metrics "
+                                          "for your model first."},
     "deception": {"probes": [*LOGISTIC_GRID, ("lat", {}), ("diff_means", {})], "pools": ["mean"],
                   "calibration": "dev_honest", "enabled_by_default": False,
                   "description": "Apollo-style instructed-pairs deception probe. Off by default: check the "
@@ -246,6 +249,7 @@ def train(
         description=f"SAE-feature detector on the latents of SAE {sae}" if sae else sweep.get("description", ""),
         # an SAE's encoder costs decode speed: a shipped feature detector is served when asked for
         enabled_by_default=not sae and sweep.get("enabled_by_default", True),
+        reads=sweep.get("reads", "both"),
     )
     try:
         pack, table = train_pack(runner, tdata, spec)

@@ -61,7 +61,8 @@ def check(
 def _when(w) -> str:
     cond = f"score in [{w.band[0]:g}, {w.band[1]:g})" if w.band else \
         f"score >= {'calibrated' if w.threshold is None else format(w.threshold, 'g')}"
-    extra = [f"where {w.where}"] + ([f"after {w.min_tokens} tokens"] if w.min_tokens > 1 else [])
+    where = w.where or "the detector reads"
+    extra = [f"where {where}"] + ([f"after {w.min_tokens} tokens"] if w.min_tokens > 1 else [])
     return ", ".join([cond, *extra])
 
 

@@ -43,12 +43,13 @@ class _Strict(BaseModel):
 class When(_Strict):
     """When a rule fires: its detector's aggregate score so far reaches `threshold` (the pack's
     calibrated one unless set), or lies in `band` [low, high); after `min_tokens` scored tokens
-    of `where` (prompt: decided once, on the prompt; completion: generated tokens only)."""
+    of `where` (prompt: decided once, on the prompt; completion: generated tokens only; both; left
+    out: what the detector's pack says it reads, `Manifest.reads`)."""
 
     threshold: float | None = Field(None, description="'calibrated' (default) or a score in (0, 1).")
     band: tuple[float, float] | None = Field(None, description="[low, high): fire when low <= score < high.")
     min_tokens: int = Field(1, ge=1, le=1_000_000, description="Scored tokens (of `where`) before the rule may fire.")
-    where: RuleWhere = "both"
+    where: RuleWhere | None = None
 
     @field_validator("threshold", mode="before")
     @classmethod

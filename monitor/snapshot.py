@@ -170,6 +170,11 @@ def build_snapshot(settings: Settings, runner) -> Snapshot:
                     escalations=MappingProxyType(escalations))
 
 
+def reads(d: Detector) -> str:
+    """What a rule that does not say reads of this detector (its pack's `reads`)."""
+    return d.manifest.reads if d.manifest is not None else "both"
+
+
 class _Compiler:
     """Policy rules against loaded packs: the bank (live detectors, shadow packs, completion-scoped
     copies) and the compiled rules, in the policy's order, then implicit alert rules."""
@@ -184,13 +189,16 @@ class _Compiler:
         placed = [(i, spec, self._slot(i, spec)) for i, spec in enumerate(specs)]
         if not self.detectors:
             return None, ()
+        # every detector no acting rule names alerts at its threshold, reading what its pack reads
+        acting = {spec.detector for spec in specs if ACTIONS[spec.action].acts}
+        implicit = [(self._read_slot(slot, reads(d)), d) for slot, d in enumerate(self.detectors[:len(self.slots)])
+                    if d.id not in acting]
         s = self.settings
         bank = DetectorBank(self.detectors, device=self.runner.device, saes=self.saes,
                             explain_tokens=s.explain_tokens, explain_latents=s.explain_latents)
         rules = [self._rule(bank, i, spec, slot) for i, spec, slot in placed]
-        acting = {r.detector for r in rules if r.act.acts}
-        rules += [Rule(slot, d.id, d.version, str(d.hook_point), float(d.threshold), "alert")
-                  for slot, d in enumerate(self.detectors[:len(self.slots)]) if d.id not in acting]
+        rules += [Rule(slot, d.id, d.version, str(d.hook_point), float(d.threshold), "alert", where=reads(d))
+                  for slot, d in implicit]
         return bank, tuple(rules)
 
     def _specs(self) -> list[RuleSpec]:
@@ -219,7 +227,11 @@ class _Compiler:
             base = self._add(replace(Detector.from_pack(pack), id=f"{spec.detector}@shadow:{spec.id}"))
         else:
             base = self.slots[spec.detector]
-        if spec.when.where != "completion":
+        return self._read_slot(base, spec.when.where or reads(self.detectors[base]))
+
+    def _read_slot(self, base: int, where: str) -> int:
+        """`base`, or for `where: completion` its completion-scoped copy (added once)."""
+        if where != "completion":
             return base
         d = self.detectors[base]
         return self._add(replace(d, id=f"{d.id}@completion", scope="completion"))
@@ -237,7 +249,8 @@ class _Compiler:
         steering = self._steering(bank, i, spec, slot) if spec.steer is not None else ()
         return Rule(slot, spec.id, d.version, str(d.hook_point), float(d.threshold if low is None else low),
                     spec.action, steering, detector=spec.detector, high=high, min_tokens=w.min_tokens,
-                    where=w.where, clients=frozenset(spec.match.clients), tags=tuple(sorted(spec.match.tags.items())),
+                    where=w.where or reads(d), clients=frozenset(spec.match.clients),
+                    tags=tuple(sorted(spec.match.tags.items())),
                     refusal=refusal, escalate=spec.escalate, would=spec.shadow.would if spec.shadow else None)
 
     def _steering(self, bank: DetectorBank, i: int, spec: RuleSpec, slot: int) -> tuple[Steering, ...]:

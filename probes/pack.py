@@ -20,7 +20,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save_file
 
-from monitor.domain import WINDOWED_AGGREGATIONS, AggregationName
+from monitor.domain import WINDOWED_AGGREGATIONS, AggregationName, RuleWhere
 from probes.fingerprint import ModelFingerprint
 from probes.kinds import Probe, ScoringHead, probe_kind
 
@@ -118,6 +118,9 @@ class Manifest(BaseModel):
     description: str = ""
     # Shipped packs below their quality target stay off unless asked for by id or path.
     enabled_by_default: bool = True
+    # What a rule that does not say (`when.where`) reads: "prompt" for a request detector (decided on
+    # the prompt it was trained on), "completion" for one trained on answers, "both" otherwise.
+    reads: RuleWhere = "both"
 
     @property
     def layer(self) -> int:

@@ -63,6 +63,7 @@ class TrainSpec:
     aggregations: list[dict] | None = None
     description: str = ""
     enabled_by_default: bool = True
+    reads: str = "both"  # monitor.domain.RuleWhere: what rules read by default (Manifest.reads)
 
 
 @dataclass
@@ -315,6 +316,7 @@ def train_pack(runner: ModelRunner, data: TrainData, spec: TrainSpec, *, progres
         provenance={},
         description=spec.description,
         enabled_by_default=spec.enabled_by_default,
+        reads=spec.reads,
     )
     pack = ProbePack(manifest, probe)
     aggregation_table = None

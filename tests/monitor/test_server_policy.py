@@ -457,3 +457,29 @@ def test_a_detector_that_scores_nan_fires_every_rule_on_it_band_rules_too():
              Rule(1, "fine", "1", "blocks.1.resid_post", 0.9, "block")]
     fired = decide(rules, np.array([np.nan, 0.5]), frozenset(), 0, 4)
     assert [(d.rule.id, d.score) for d in fired] == [("band", 1.0), ("above", 1.0)]
+
+
+def _reading(pack_dir, reads: str):
+    import json
+
+    path = pack_dir / "manifest.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "reads": reads}))
+    return pack_dir
+
+
+def test_rules_that_do_not_say_where_read_what_the_pack_reads(tmp_path):
+    """A request detector's implicit alert and its unqualified rules decide on the prompt; a detector
+    trained on answers reads generated tokens only; `where` in a rule still wins."""
+    r = runner()
+    asks = _reading(steady_pack(r, tmp_path / "asks", id="asks"), "prompt")
+    answers = _reading(steady_pack(r, tmp_path / "answers", id="answers"), "completion")
+    plain = steady_pack(r, tmp_path / "plain", id="plain")
+    snap = build_snapshot(Settings(packs=[asks, answers, plain], db="sqlite://"), r)
+    where = {rule.id: (rule.where, snap.bank.detectors[rule.slot].id) for rule in snap.rules}
+    assert where == {"asks": ("prompt", "asks"), "answers": ("completion", "answers@completion"),
+                     "plain": ("both", "plain")}
+    policy = tmp_path / "p.yaml"
+    policy.write_text("rules:\n  - {id: a, detector: asks, action: block}\n"
+                      "  - {id: b, detector: asks, action: log, when: {where: both}}\n")
+    snap = build_snapshot(Settings(packs=[asks], policy=policy, db="sqlite://"), r)
+    assert [(rule.id, rule.where) for rule in snap.rules] == [("a", "prompt"), ("b", "both")]

@@ -93,6 +93,7 @@ def recipe_inputs(ref: ProbePack) -> tuple[TrainData, TrainSpec]:
                      version=m.version, seed=prov["seed"], batch_size=prov["params"]["batch_size"],
                      folds=prov["params"]["folds"], description=sweep.get("description", ""),
                      enabled_by_default=sweep.get("enabled_by_default", True), selection=sweep.get("selection", "cv"),
+                     reads=sweep.get("reads", "both"),
                      # the chosen aggregation only: comparing all of them needs every token (LATENTWATCH_FULL_REPRO)
                      aggregations=[m.aggregation.model_dump(exclude_none=True)] if "aggregations" in sweep else None)
     return data, spec
@@ -385,8 +386,8 @@ def test_recipe_reproduces_the_shipped_pack(pack_id, smollm2, monkeypatch):
     chosen = prov["selection"]["chosen"]
     for key in [k for k in chosen if k == "cv_auroc" or k.startswith("loso_")]:
         assert fresh.manifest.provenance["selection"]["chosen"][key] == pytest.approx(chosen[key], abs=1e-4), key
-    assert (fresh.manifest.description, fresh.manifest.enabled_by_default) == \
-        (ref.manifest.description, ref.manifest.enabled_by_default)
+    assert (fresh.manifest.description, fresh.manifest.enabled_by_default, fresh.manifest.reads) == \
+        (ref.manifest.description, ref.manifest.enabled_by_default, ref.manifest.reads)
     assert fresh.manifest.metrics.keys() == ref.manifest.metrics.keys()
     # the tape's float16 rounding moves a refit's weights by up to ~2e-4 (deception: 4,206 rows, C = 0.01)
     assert_same_pack(fresh, ref, list(ref.manifest.metrics), weights_atol=5e-4)
