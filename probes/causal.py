@@ -138,10 +138,6 @@ def sample_prompts(sets: dict[str, list[Example]], n: int, seed: int) -> dict[st
     return out
 
 
-def _chat(prompt: Example) -> tuple[Message, ...]:
-    return prompt.messages if prompt.messages is not None else (Message("user", prompt.text),)
-
-
 # ----------------------------------------------------------------------------- the model
 
 
@@ -270,7 +266,7 @@ def run_causal(
     if empty:
         raise ValueError(f"no prompts in the {', '.join(empty)} set(s)")
     prompts = [(name, e) for name, rows in chosen.items() for e in rows]
-    items = [runner.encode(messages=_chat(e), chat=True, add_generation_prompt=True) for _, e in prompts]
+    items = [runner.encode(messages=e.turns, chat=True, add_generation_prompt=True) for _, e in prompts]
     scale, projection = residual_scale(runner, items, bank, u, batch_size)
     judge = PromptedJudge(runner, question=REFUSAL_QUESTION, subject=JUDGE_SUBJECT, batch_size=batch_size)
     completions = []
@@ -279,7 +275,7 @@ def run_causal(
         # the same batches for every coefficient; the score is prompt + completion as the steered model read it
         texts, steered = complete(runner, items, [Sampling(max_new_tokens=max_new_tokens)] * len(items),
                                   batch_size=batch_size, bank=bank, steering=[steering])
-        talks = [Example(messages=(*_chat(e), Message("assistant", t))) for (_, e), t in zip(prompts, texts)]
+        talks = [Example(messages=(*e.turns, Message("assistant", t))) for (_, e), t in zip(prompts, texts)]
         reread = runner.score(
             [runner.encode(messages=c.messages, chat=True) for c in talks], bank, batch_size=batch_size
         )

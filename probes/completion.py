@@ -39,19 +39,15 @@ from probes.refusal import is_refusal
 CATCH_AT = (16, 32, 64)  # generated tokens the report reads the curve at
 
 
-def _turns(e: Example) -> tuple[Message, ...]:
-    return tuple(e.messages) if e.messages is not None else (Message("user", e.text),)
-
-
 def answers(runner: ModelRunner, prompts: Sequence[Example], *, how: str = "answer",
             steering: list[Steering] | None = None, max_new_tokens: int = 64, batch_size: int = 16,
             progress: bool = False) -> list[Example]:
     """The model's greedy answers to `prompts` as labelled rows that score the answer only: 1 where a
     harmful request (label 1) got an answer that does not refuse, else 0. Empty answers are dropped."""
-    items = [runner.encode(messages=_turns(p), chat=True, add_generation_prompt=True) for p in prompts]
+    items = [runner.encode(messages=p.turns, chat=True, add_generation_prompt=True) for p in prompts]
     texts, _ = complete(runner, items, [Sampling(max_new_tokens=max_new_tokens)] * len(items),
                         batch_size=batch_size, steering=steering, progress=progress, desc=f"{how}s")
-    return [Example(messages=(*_turns(p), Message("assistant", t)), score_suffix=t,
+    return [Example(messages=(*p.turns, Message("assistant", t)), score_suffix=t,
                     label=int(p.label == 1 and not is_refusal(t)), id=f"{p.id}+{how}", source=f"{p.source}+{how}",
                     group=p.group)
             for p, t in zip(prompts, texts) if t.strip()]
@@ -133,7 +129,7 @@ def catch_curve(runner: ModelRunner, intent: ProbePack, completion: ProbePack, h
     """Generate greedily for the harmful requests `intent` does not flag on the prompt and for the
     benign ones, with `completion` reading the generated tokens only (a policy's `where: completion`)."""
     # as Generate reads a prompt: with the assistant header a `where: prompt` rule decides on
-    prompts = [runner.encode(messages=_turns(e), chat=True, add_generation_prompt=True) for e in harmful]
+    prompts = [runner.encode(messages=e.turns, chat=True, add_generation_prompt=True) for e in harmful]
     prompt_bank = DetectorBank([Detector.from_pack(intent)], device=runner.device)
     scored = runner.score(prompts, prompt_bank, batch_size=batch_size)
     through = [e for e, r in zip(harmful, scored) if not r.flagged[0]]
@@ -147,7 +143,7 @@ def catch_curve(runner: ModelRunner, intent: ProbePack, completion: ProbePack, h
             if first[i] is None and e.index >= 1 and e.aggregate[0] >= det.threshold:
                 first[i] = e.index
 
-        items = [runner.encode(messages=_turns(e), chat=True, add_generation_prompt=True) for e in rows]
+        items = [runner.encode(messages=e.turns, chat=True, add_generation_prompt=True) for e in rows]
         sampling = [Sampling(max_new_tokens=max_new_tokens + 1)] * len(items)
         complete(runner, items, sampling, batch_size=batch_size,
                  bank=bank, on_token=see, progress=progress, desc="catch curve")

@@ -70,6 +70,11 @@ class Example:
         return self.messages[-1].content if self.messages else ""
 
     @property
+    def turns(self) -> tuple[Message, ...]:
+        """The input as chat turns: `messages`, or `text` as one user turn."""
+        return self.messages if self.messages is not None else (Message("user", self.text),)
+
+    @property
     def content_key(self) -> str:
         """A readable flattening of the input (for de-duplication and leak checks)."""
         if self.text is not None:
