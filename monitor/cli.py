@@ -74,7 +74,7 @@ def load_pack_folders(folders: list[Path], runner=None, detectors: list[str] | N
 MODEL_RECIPES = ("harmful_completion",)  # recipes whose rows the model writes (its own answers)
 
 
-def load_recipe(recipe: str, datasets: str | None, seed: int, runner=None):
+def load_recipe(recipe: str, datasets: str | None, seed: int, runner=None, answers: Path | None = None):
     from probes.recipes import RECIPES, datasets_dir
 
     if recipe not in RECIPES and recipe not in MODEL_RECIPES:
@@ -83,20 +83,20 @@ def load_recipe(recipe: str, datasets: str | None, seed: int, runner=None):
         fail(f"--recipe {recipe} is for `latentwatch train`: its rows are the model's own answers")
     try:
         if recipe in MODEL_RECIPES:
-            return completion_recipe(runner, datasets_dir(datasets), seed)
+            return completion_recipe(runner, datasets_dir(datasets), seed, answers)
         return RECIPES[recipe](datasets_dir(datasets), seed=seed)
     except (FileNotFoundError, ValueError) as e:
         fail(str(e))
 
 
-def completion_recipe(runner, root: Path, seed: int):
+def completion_recipe(runner, root: Path, seed: int, answers: Path | None = None):
     """harmful_completion's rows: the model answers the v2 recipe's requests, plainly and with the
-    shipped refusal vector on."""
+    shipped refusal vector on (kept in `answers`, when given)."""
     from probes.completion import completion_splits
     from probes.vectors import load_vector_pack, shipped_vectors_dir
 
     refusal = load_vector_pack(shipped_vectors_dir() / "refusal", expect=runner.fingerprint).steering()
-    return completion_splits(runner, refusal, root, seed=seed, progress=True)
+    return completion_splits(runner, refusal, root, seed=seed, answers_dir=answers, progress=True)
 
 
 # ------------------------------------------------------------------------------------ train
@@ -187,6 +187,9 @@ def train(
     folds: Annotated[int, typer.Option(help="cross-validation folds for selection and calibration")] = 5,
     raw: Annotated[bool, typer.Option("--raw", help="score text as raw text, not as a user chat turn")] = False,
     datasets: Annotated[str | None, typer.Option(help="shared datasets folder (recipes)")] = None,
+    answers: Annotated[Path | None, typer.Option(help="with a recipe whose rows the model writes: keep its "
+                                                 "answers here as JSONL, to read them or train again "
+                                                 "without generating (reused when they match)")] = None,
     seed: int = 0,
     batch_size: int = 16,
     model: ModelOpt = None,
@@ -198,6 +201,8 @@ def train(
     if (recipe is None) == (data is None):
         fail("give either --recipe NAME or --data FILE")
     check_train_options(kind, hook_point, pool)
+    if answers is not None and recipe not in MODEL_RECIPES:
+        fail(f"--answers: only for recipes whose rows the model writes ({', '.join(MODEL_RECIPES)})")
     if sae is not None:
         from monitor.sae import SAEError
         from monitor.sae.store import resolve
@@ -211,7 +216,7 @@ def train(
     sweep = RECIPE_SWEEPS.get(recipe or "", {})
     runner = load_runner(model, device) if recipe in MODEL_RECIPES else None
     if recipe:
-        splits = load_recipe(recipe, datasets, seed, runner)
+        splits = load_recipe(recipe, datasets, seed, runner, answers)
         cal_name = sweep["calibration"]
         tdata = TrainData(splits.train + splits.val, cal_name, splits.calibration[cal_name],
                           {"test": splits.test, **splits.eval_sets}, recipe=recipe)
@@ -269,6 +274,8 @@ def train(
 def write_catch_curve(runner, pack, out_dir: Path, datasets: str | None, seed: int, batch_size: int) -> None:
     """What a completion detector adds to the shipped `harmful_intent` while the model writes: into
     the manifest (`metrics["catch_curve"]`) and `catch_curve.png` beside it."""
+    from dataclasses import asdict
+
     from probes.completion import catch_curve, catch_curve_requests
     from probes.recipes import datasets_dir
 
@@ -276,6 +283,7 @@ def write_catch_curve(runner, pack, out_dir: Path, datasets: str | None, seed: i
     wrapped, benign = catch_curve_requests(datasets_dir(datasets), seed)
     curve = catch_curve(runner, intent, pack, wrapped, benign, batch_size=batch_size, progress=True)
     pack.manifest.metrics["catch_curve"] = {k: float(v) for k, v in curve.summary().items() if v is not None}
+    pack.manifest.provenance["catch_curve"] = asdict(curve)  # per request: tokens read when it was first flagged
     pack.save(out_dir)
     curve.figure().savefig(out_dir / "catch_curve.png", dpi=120)
 

@@ -20,9 +20,11 @@ tokens it takes.
 
 from __future__ import annotations
 
+import json
 import random
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 import numpy as np
 from matplotlib.figure import Figure
@@ -31,7 +33,8 @@ from monitor.bank import Detector, DetectorBank
 from monitor.generation import Sampling, TokenEvent, complete
 from monitor.runner import ModelRunner
 from monitor.steering import Steering
-from probes.data import Example, Message
+from probes.data import Example, Message, read_jsonl, write_jsonl
+from probes.fingerprint import ModelFingerprint
 from probes.pack import ProbePack
 from probes.recipes import RECIPES, Splits
 from probes.refusal import is_refusal
@@ -59,30 +62,83 @@ def _requests(rows: Sequence[Example], label: int, n: int, rng: random.Random) -
     return rng.sample(pool, min(n, len(pool)))
 
 
-def completion_splits(runner: ModelRunner, refusal: list[Steering], root=None, seed: int = 0, *,
-                      n_train: int = 600, n_test: int = 200, max_new_tokens: int = 64, batch_size: int = 16,
-                      progress: bool = False) -> Splits:
-    """Train (from the v2 recipe's train + val requests) and test (its test requests) answers; see the
-    module docstring. `refusal`: the steering that makes the model refuse (the shipped vector)."""
+SIDES = ("train", "test")
+PARTS = ("harmful", "benign", "steered")  # the answers of each side, in the order they are generated
+
+
+def completion_requests(root=None, seed: int = 0, *, n_train: int = 600, n_test: int = 200
+                        ) -> dict[str, dict[str, list[Example]]]:
+    """The requests each side answers (no model needed): per side, up to n harmful and n benign
+    original requests of the v2 recipe, train from its train + val rows, test from its test rows."""
     base = RECIPES["harmful_intent_v2"](root, seed=seed)
     rng = random.Random(f"{seed}:harmful_completion")
-    kw = {"max_new_tokens": max_new_tokens, "batch_size": batch_size, "progress": progress}
-    sides = {}
+    out = {}
     for side, rows, n in (("train", base.train + base.val, n_train), ("test", base.test, n_test)):
-        harmful, benign = _requests(rows, 1, n, rng), _requests(rows, 0, n, rng)
-        sides[side] = {"harmful": answers(runner, harmful, **kw), "benign": answers(runner, benign, **kw),
-                       "steered": answers(runner, harmful, how="refusal", steering=refusal, **kw)}
-    flat = {side: [e for rows in parts.values() for e in rows] for side, parts in sides.items()}
+        out[side] = {"harmful": _requests(rows, 1, n, rng), "benign": _requests(rows, 0, n, rng)}
+    return out
+
+
+def completion_splits(runner: ModelRunner, refusal: list[Steering], root=None, seed: int = 0, *,
+                      n_train: int = 600, n_test: int = 200, max_new_tokens: int = 64, batch_size: int = 16,
+                      answers_dir: Path | None = None, progress: bool = False) -> Splits:
+    """Train (from the v2 recipe's train + val requests) and test (its test requests) answers; see the
+    module docstring. `refusal`: the steering that makes the model refuse (the shipped vector).
+    `answers_dir`: where the answers are kept (`save_answers`): read back when it holds this very
+    recipe's answers by this model, else generated and written there."""
     info = {"recipe": "harmful_completion", "requests_from": "harmful_intent_v2", "seed": seed,
             "max_new_tokens": max_new_tokens, "requests_per_label": {"train": n_train, "test": n_test},
-            "rows": {side: {part: {"n": len(rows), "complying": sum(e.label for e in rows)}
-                            for part, rows in parts.items()} for side, parts in sides.items()}}
+            "model_id": runner.model_id}
+    if answers_dir is not None and (answers_dir / ANSWERS_INFO).is_file():
+        sides = load_answers(answers_dir, info, runner.fingerprint)
+    else:
+        kw = {"max_new_tokens": max_new_tokens, "batch_size": batch_size, "progress": progress}
+        sides = {}
+        for side, asked in completion_requests(root, seed, n_train=n_train, n_test=n_test).items():
+            sides[side] = {"harmful": answers(runner, asked["harmful"], **kw),
+                           "benign": answers(runner, asked["benign"], **kw),
+                           "steered": answers(runner, asked["harmful"], how="refusal", steering=refusal, **kw)}
+        if answers_dir is not None:
+            save_answers(answers_dir, sides, {**info, "fingerprint": runner.fingerprint.model_dump(mode="json")})
+    info["rows"] = {side: {part: {"n": len(rows), "complying": sum(e.label for e in rows)}
+                           for part, rows in parts.items()} for side, parts in sides.items()}
+    return completion_sets(sides, info)
+
+
+ANSWERS_INFO = "answers.json"
+
+
+def save_answers(folder: Path, sides: dict[str, dict[str, list[Example]]], info: dict) -> None:
+    """`<side>_<part>.jsonl` per side and part, and what made them (`answers.json`)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for side, parts in sides.items():
+        for part, rows in parts.items():
+            write_jsonl(folder / f"{side}_{part}.jsonl", rows)
+    (folder / ANSWERS_INFO).write_text(json.dumps(info, indent=1) + "\n")
+
+
+def load_answers(folder: Path, info: dict, model: ModelFingerprint) -> dict[str, dict[str, list[Example]]]:
+    """The answers `save_answers` wrote, refused (ValueError) unless `model` made them as `info` says."""
+    saved = json.loads((folder / ANSWERS_INFO).read_text())
+    if why := ModelFingerprint(**saved.pop("fingerprint")).mismatch(model):
+        raise ValueError(f"{folder}: answers by another model ({why}); give an empty folder to generate them again")
+    if saved != info:
+        diff = sorted(k for k in {*saved, *info} if saved.get(k) != info.get(k))
+        raise ValueError(f"{folder}: holds answers made with other {', '.join(diff)}; give an empty folder "
+                         "to generate them again")
+    return {side: {part: read_jsonl(folder / f"{side}_{part}.jsonl", labelled=True) for part in PARTS}
+            for side in SIDES}
+
+
+def completion_sets(sides: dict[str, dict[str, list[Example]]], info: dict | None = None) -> Splits:
+    """The recipe's splits from each side's answers (`PARTS`): what training reads, and what a
+    replay of it rebuilds."""
     test = sides["test"]
-    return Splits(train=flat["train"], val=[], test=flat["test"],
+    return Splits(train=[e for part in PARTS for e in sides["train"][part]], val=[],
+                  test=[e for part in PARTS for e in test[part]],
                   calibration={"benign_answers": sides["train"]["benign"]},
                   eval_sets={"harmful_answers": test["harmful"], "benign_answers": test["benign"],
                              "steered_answers": test["steered"]},
-                  info=info)
+                  info=info or {})
 
 
 @dataclass(frozen=True)
@@ -96,6 +152,8 @@ class CatchCurve:
     let_through: int  # harmful requests under the prompt detector's threshold, of
     asked: int  # harmful requests asked
     max_new_tokens: int
+    harmful_ids: list[str] = field(default_factory=list)  # the requests, in the order of `harmful`
+    benign_ids: list[str] = field(default_factory=list)
 
     @staticmethod
     def rate(first: list[int | None], k: int) -> float:
@@ -149,7 +207,8 @@ def catch_curve(runner: ModelRunner, intent: ProbePack, completion: ProbePack, h
                  bank=bank, on_token=see, progress=progress, desc="catch curve")
         return first
 
-    return CatchCurve(first_hits(through), first_hits(benign), len(through), len(harmful), max_new_tokens)
+    return CatchCurve(first_hits(through), first_hits(benign), len(through), len(harmful), max_new_tokens,
+                      [e.id for e in through], [e.id for e in benign])
 
 
 def catch_curve_requests(root=None, seed: int = 0, n_benign: int = 200) -> tuple[list[Example], list[Example]]:
@@ -161,4 +220,5 @@ def catch_curve_requests(root=None, seed: int = 0, n_benign: int = 200) -> tuple
     return wrapped, _requests(base.test, 0, n_benign, random.Random(f"{seed}:catch_curve"))
 
 
-__all__ = ["CATCH_AT", "CatchCurve", "answers", "catch_curve", "catch_curve_requests", "completion_splits"]
+__all__ = ["CATCH_AT", "PARTS", "SIDES", "CatchCurve", "answers", "catch_curve", "catch_curve_requests",
+           "completion_requests", "completion_sets", "completion_splits"]
