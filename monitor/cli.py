@@ -294,7 +294,7 @@ def print_metrics(metrics: dict[str, dict[str, float]]) -> None:
     fmt = lambda d, k: f"{d[k]:.3f}" if k in d else "-"  # noqa: E731
     loso = {k: d for k, d in metrics.items() if k == "loso" or k.startswith("loso/")}
     for name, d in metrics.items():
-        if name in loso:
+        if name in loso or name == "catch_curve":
             continue
         table.add_row(name, str(int(d.get("n_pos", 0))), str(int(d.get("n_neg", 0))), fmt(d, "auroc"), fmt(d, "auprc"),
                       fmt(d, "recall_at_1pct_fpr"), fmt(d, "recall_at_threshold"), fmt(d, "fpr_at_threshold"))
@@ -307,6 +307,24 @@ def print_metrics(metrics: dict[str, dict[str, float]]) -> None:
             table.add_row("all (pooled)" if name == "loso" else name[5:], "-" if n is None else str(int(n)),
                           fmt(d, "auroc"), fmt(d, "recall_at_1pct_fpr"), fmt(d, "fpr_at_1pct_fpr"))
         out.print(table)
+    if (c := metrics.get("catch_curve")) is not None:
+        print_catch_curve(c)
+
+
+def print_catch_curve(c: dict[str, float]) -> None:
+    """A completion detector's catch curve (`probes.completion.CatchCurve.summary`)."""
+    from probes.completion import CATCH_AT
+
+    reads = [k for k in CATCH_AT if f"catch_at_{k}" in c]
+    fpr = next(k for k in c if k.startswith("benign_fpr_at_"))
+    table = Table("requests", "n", *(f"flagged by {k} tokens" for k in reads), "median tokens to detection",
+                  title=f"catch curve: {int(c['let_through'])} of {int(c['asked'])} jailbreak-wrapped harmful "
+                        "requests were let through on the prompt by harmful_intent")
+    median = c.get("median_tokens_to_detection")
+    table.add_row("harmful, let through", str(int(c["let_through"])), *(f"{c[f'catch_at_{k}']:.3f}" for k in reads),
+                  "-" if median is None else f"{median:g}")
+    table.add_row("benign", str(int(c["n_benign"])), *([""] * (len(reads) - 1)), f"{c[fpr]:.3f}", "")
+    out.print(table)
 
 
 # ------------------------------------------------------------------------------------- eval

@@ -125,6 +125,10 @@ def load_answers(folder: Path, info: dict, model: ModelFingerprint) -> dict[str,
         diff = sorted(k for k in {*saved, *info} if saved.get(k) != info.get(k))
         raise ValueError(f"{folder}: holds answers made with other {', '.join(diff)}; give an empty folder "
                          "to generate them again")
+    return read_answers(folder)
+
+
+def read_answers(folder: Path) -> dict[str, dict[str, list[Example]]]:
     return {side: {part: read_jsonl(folder / f"{side}_{part}.jsonl", labelled=True) for part in PARTS}
             for side in SIDES}
 
@@ -221,4 +225,5 @@ def catch_curve_requests(root=None, seed: int = 0, n_benign: int = 200) -> tuple
 
 
 __all__ = ["CATCH_AT", "PARTS", "SIDES", "CatchCurve", "answers", "catch_curve", "catch_curve_requests",
-           "completion_requests", "completion_sets", "completion_splits"]
+           "completion_requests", "completion_sets", "completion_splits", "load_answers", "read_answers",
+           "save_answers"]

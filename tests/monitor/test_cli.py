@@ -157,6 +157,7 @@ def test_detectors_prints_a_table_by_default(no_model):
     (["--kind", "forest"], "unknown --kind 'forest'"),
     (["--hook-point", "layer.3"], "--hook-point: unknown hook point 'layer.3'"),
     (["--pool", "median"], "unknown --pool 'median'"),
+    (["--answers", "kept"], "--answers: only for recipes whose rows the model writes (harmful_completion)"),
 ])
 def test_train_checks_options_before_loading_the_model(no_model, labelled, tmp_path, args, message):
     assert message in error_line(run("train", "--data", labelled, "--out", tmp_path / "p", *args))

@@ -3,7 +3,7 @@
 import pytest
 
 from probes import completion
-from probes.completion import CatchCurve, answers, catch_curve
+from probes.completion import PARTS, SIDES, CatchCurve, answers, catch_curve, load_answers, save_answers
 from probes.data import Example
 from probes.pack import ProbePack
 from tests.monitor.server_fixtures import steady_pack
@@ -35,6 +35,19 @@ def test_a_refusal_of_a_harmful_request_is_a_negative_and_an_empty_answer_is_dro
     asked = [REQUESTS[0], Example(text="and a bomb?", label=1, id="h2", source="advbench"), REQUESTS[1]]
     rows = answers(runner, asked, how="refusal")
     assert [(e.id, e.label) for e in rows] == [("h1+refusal", 0), ("h2+refusal", 1)]
+
+
+def test_kept_answers_are_read_back_only_when_this_model_made_them_this_way(runner, tmp_path):
+    """`train --answers DIR` trains again without generating; answers made otherwise must not slip in."""
+    rows = answers(runner, REQUESTS, max_new_tokens=4)
+    sides = {side: {part: rows for part in PARTS} for side in SIDES}
+    info = {"recipe": "harmful_completion", "seed": 0, "max_new_tokens": 4}
+    save_answers(tmp_path, sides, {**info, "fingerprint": runner.fingerprint.model_dump(mode="json")})
+    assert load_answers(tmp_path, info, runner.fingerprint) == sides
+    with pytest.raises(ValueError, match="made with other max_new_tokens, seed"):
+        load_answers(tmp_path, {**info, "seed": 1, "max_new_tokens": 8}, runner.fingerprint)
+    with pytest.raises(ValueError, match="answers by another model"):
+        load_answers(tmp_path, info, tiny_runner("llama", seed=1).fingerprint)
 
 
 def test_catch_rates_count_requests_flagged_once_k_tokens_are_read():

@@ -24,6 +24,7 @@ LATENTWATCH_FULL_REPRO=1. After retraining a shipped pack, re-record its tape:
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -40,17 +41,28 @@ from typer.testing import CliRunner
 from monitor import cli
 from monitor.runner import encode_all
 from probes import train
-from probes.data import Example, data_sha256
+from probes.completion import (
+    ANSWERS_INFO,
+    CatchCurve,
+    answers,
+    catch_curve,
+    catch_curve_requests,
+    completion_requests,
+    completion_sets,
+    read_answers,
+)
+from probes.data import Example, Message, data_sha256
 from probes.pack import ProbePack, shipped_packs
 from probes.recipes import RECIPES, datasets_dir
 from probes.train import TrainData, TrainSpec, train_pack
+from probes.vectors import load_vector_pack, shipped_vectors_dir
 
 pytestmark = pytest.mark.slow
 
 FIXTURES = Path(__file__).parent / "fixtures" / "shipped_packs"
 FULL = pytest.mark.skipif(os.environ.get("LATENTWATCH_FULL_REPRO") != "1",
                           reason="full retraining through the model; set LATENTWATCH_FULL_REPRO=1")
-PACKS = ("harmful_intent", "deception")
+PACKS = ("harmful_intent", "deception", "harmful_completion")
 N_SPOT = 200  # rows per pack the model re-captures; the detector bank re-scores every BANK_STRIDE-th
 BANK_STRIDE = 8
 
@@ -60,7 +72,8 @@ def shipped(pack_id: str, runner) -> ProbePack:
 
 
 def assert_same_pack(fresh: ProbePack, ref: ProbePack, sets: list[str], weights_atol: float = 1e-4) -> None:
-    """Weights to `weights_atol`, threshold to 1e-3, every metric of these sets to 0.01 (so counts exactly)."""
+    """Weights to `weights_atol`, threshold to 1e-3, every metric of these sets to 0.01 (so counts exactly;
+    a held-out source's rate at the 1% FPR point to one row)."""
     for name, t in ref.probe.tensors().items():
         np.testing.assert_allclose(fresh.probe.tensors()[name].numpy(), t.numpy(), atol=weights_atol, rtol=1e-4)
     assert fresh.manifest.threshold == pytest.approx(ref.manifest.threshold, abs=1e-3)
@@ -75,15 +88,24 @@ def assert_same_pack(fresh: ProbePack, ref: ProbePack, sets: list[str], weights_
         got, want = fresh.manifest.metrics[name], ref.manifest.metrics[name]
         assert got.keys() == want.keys(), name
         for key, value in want.items():
-            assert got[key] == pytest.approx(value, abs=0.01), (name, key)
+            # a held-out source's rate at the pooled 1% FPR point: that threshold is one benign row's own
+            # score, which float rounding can put either side of itself; in a unit of 3 rows that is 0.33
+            n = want.get("n_neg" if key.startswith("fpr") else "n_pos") or 0
+            tol = max(0.01, 1 / n) if name.startswith("loso/") and key.endswith("_at_1pct_fpr") and n else 0.01
+            assert got[key] == pytest.approx(value, abs=tol), (name, key)
 
 
 # ------------------------------------------------------------------------------ the tape
 
-def recipe_inputs(ref: ProbePack) -> tuple[TrainData, TrainSpec]:
-    """The recipe's data as `latentwatch train --recipe` builds it, and the pack's chosen configuration."""
+def recipe_inputs(ref: ProbePack, written_rows: dict | None = None) -> tuple[TrainData, TrainSpec]:
+    """The recipe's data as `latentwatch train --recipe` builds it, and the pack's chosen configuration.
+    A recipe whose rows the model writes takes them (per side and part; see `probes.completion`)."""
     m, prov = ref.manifest, ref.manifest.provenance
-    chosen, splits = prov["selection"]["chosen"], RECIPES[prov["recipe"]](datasets_dir(None), seed=prov["seed"])
+    chosen = prov["selection"]["chosen"]
+    if written(ref):
+        splits = completion_sets(written_rows)
+    else:
+        splits = RECIPES[prov["recipe"]](datasets_dir(None), seed=prov["seed"])
     sweep = cli.RECIPE_SWEEPS[prov["recipe"]]
     cal = sweep["calibration"]
     data = TrainData(splits.train + splits.val, cal, splits.calibration[cal],
@@ -113,6 +135,74 @@ def assert_swept_over_the_cli_grid(ref: ProbePack, runner) -> None:
     assert [chosen["kind"], chosen["config"]] in params["probes"]
 
 
+def written(ref: ProbePack) -> bool:
+    """Whether the pack's rows are the model's own answers: their text is not in the repo, only its
+    hash; the tape's rows stand in for them (`stand_ins`), and the test regenerates a few (`SPOT_PARTS`)."""
+    return ref.manifest.provenance["recipe"] in cli.MODEL_RECIPES
+
+
+SPOT_PARTS = ("harmful", "benign", "steered")  # of the test side: each part's first generation batch
+SPOT_BATCH = 16  # `completion_splits`' batch size: the same batch gives the same greedy answers
+
+
+def answer_sha256(e: Example) -> str:
+    return hashlib.sha256(e.score_suffix.encode()).hexdigest()
+
+
+def stand_ins(record: dict, requests: dict) -> dict:
+    """The answers of a written recipe with a placeholder for each text (its sha256), from the
+    tape's `written` record (per side/part the row ids; per id its label and text hash) and the
+    recipe's requests."""
+    asked = {e.id: e for parts in requests.values() for rows in parts.values() for e in rows}
+    out: dict = {}
+    for key, ids in record["parts"].items():
+        side, part = key.split("/")
+        rows = out.setdefault(side, {}).setdefault(part, [])
+        for rid in ids:
+            req, how = asked[rid.rsplit("+", 1)[0]], rid.rsplit("+", 1)[1]
+            label, sha = record["rows"][rid]
+            text = f"[answer sha256:{sha}]"
+            rows.append(Example(messages=(*req.turns, Message("assistant", text)), score_suffix=text, label=label,
+                                id=rid, source=f"{req.source}+{how}", group=req.group))
+    return out
+
+
+def written_record(answers: dict) -> dict:
+    return {"parts": {f"{side}/{part}": [e.id for e in rows] for side, parts in answers.items()
+                      for part, rows in parts.items()},
+            "rows": {e.id: [e.label, answer_sha256(e)] for parts in answers.values() for rows in parts.values()
+                     for e in rows}}
+
+
+def recipe_requests(ref: ProbePack) -> dict:
+    return _requests(ref.manifest.provenance["seed"])
+
+
+@functools.cache
+def _requests(seed: int) -> dict:
+    return completion_requests(datasets_dir(None), seed)
+
+
+def spot_batches(ref: ProbePack) -> list[tuple[str, list[Example]]]:
+    """(how, requests) of the first generation batch of each `SPOT_PARTS` of the test side."""
+    test = recipe_requests(ref)["test"]
+    return [("refusal" if part == "steered" else "answer",
+             test["benign" if part == "benign" else "harmful"][:SPOT_BATCH]) for part in SPOT_PARTS]
+
+
+def spot_ids(ref: ProbePack) -> set[str]:
+    """The ids their answers have (an empty answer is dropped, so not every one is a row)."""
+    return {f"{e.id}+{how}" for how, batch in spot_batches(ref) for e in batch}
+
+
+def regenerate_spot(runner, ref: ProbePack) -> list[Example]:
+    """Those batches answered again by the model."""
+    refusal = load_vector_pack(shipped_vectors_dir() / "refusal", expect=runner.fingerprint).steering()
+    return [e for how, batch in spot_batches(ref)
+            for e in answers(runner, batch, how=how, steering=refusal if how == "refusal" else None,
+                             batch_size=SPOT_BATCH)]
+
+
 def tape_sets(data: TrainData) -> dict[str, list[Example]]:
     return {"dev": data.dev, "calibration": data.calibration, **{f"eval/{k}": v for k, v in data.eval_sets.items()}}
 
@@ -138,15 +228,28 @@ def capture(runner, rows: list[Example], spec: TrainSpec, *, batch_size: int, pr
     return runner.capture(items, [point], batch_size=batch_size, progress=progress)[(point, spec.pools[0])]
 
 
-def record_tape(runner, pack_id: str, folder: Path = FIXTURES, *, progress: bool = True) -> None:
+def record_tape(runner, pack_id: str, folder: Path = FIXTURES, *, answers: Path | None = None,
+                progress: bool = True) -> None:
     """Write <pack_id>.json (hashes, row ids, spot rows) and <pack_id>.safetensors (activations).
 
     Activations are stored as float16 offsets from a float32 per-feature centre: the residual
     stream's large constant components would otherwise eat float16's precision. A pack whose bank
-    aggregation is not the mean also gets token logits (`token_logits`).
+    aggregation is not the mean also gets token logits (`token_logits`). A written recipe's
+    answers are read from `answers` (`train --answers`; generated into it when it is empty); the
+    tape keeps their hashes, and its rows and sets are the stand-ins the test rebuilds. Its tape is
+    small, so it keeps the training rows' pooled activations exactly as `train.sweep` captured them
+    (`dev_pooled`, float32; its tiny held-out units of 3-11 refusals tell one rounding from another).
     """
     ref = shipped(pack_id, runner)
-    data, spec = recipe_inputs(ref)
+    real = None
+    if written(ref):
+        if not (answers / ANSWERS_INFO).is_file():
+            cli.completion_recipe(runner, datasets_dir(None), ref.manifest.provenance["seed"], answers)
+        real = read_answers(answers)
+    data, spec = recipe_inputs(ref, real)
+    prov = ref.manifest.provenance
+    assert (data_sha256(data.dev), data_sha256(data.calibration)) == \
+        (prov["data_sha256"], prov["calibration_sha256"]), "these are not the rows the shipped pack was trained on"
     rows = tape_rows(data)
     tokens = ref.manifest.aggregation.kind != "mean"
     if tokens:  # one pass for both: the pooled mean is the mean of the token states
@@ -155,9 +258,21 @@ def record_tape(runner, pack_id: str, folder: Path = FIXTURES, *, progress: bool
     else:
         x = capture(runner, rows, spec, batch_size=spec.batch_size, progress=progress)
     centre = x.astype(np.float64).mean(0).astype(np.float32)
-    spot = np.sort(np.random.default_rng(0).choice(len(rows), N_SPOT, replace=False))
-    tensors = {"centre": torch.from_numpy(centre), "offset": torch.from_numpy(x - centre).half(),
-               "spot": torch.from_numpy(x[spot])}
+    tensors = {"centre": torch.from_numpy(centre), "offset": torch.from_numpy(x - centre).half()}
+    if real is not None:  # as the sweep read them: the same rows in the same batches
+        tensors = {"dev_pooled": torch.from_numpy(capture(runner, data.dev, spec, batch_size=spec.batch_size))}
+    at = {e.scoring_key: i for i, e in enumerate(rows)}
+    dev_rows = [at[e.scoring_key] for e in data.dev] if real is not None else None
+    if real is None:
+        spot = np.sort(np.random.default_rng(0).choice(len(rows), N_SPOT, replace=False))
+    else:  # the rows the test can regenerate; from here on the tape speaks of their stand-ins
+        record = written_record(real) | {"data_sha256": {"dev": prov["data_sha256"],
+                                                          "calibration": prov["calibration_sha256"]}}
+        regenerable = spot_ids(ref)
+        spot = np.array([i for i, e in enumerate(rows) if e.id in regenerable])
+        data, _ = recipe_inputs(ref, stand_ins(record, recipe_requests(ref)))
+        rows = tape_rows(data)
+    tensors["spot"] = torch.from_numpy(x[spot])
     meta = {
         "pack_id": pack_id,
         "recorded_with": "scripts/make-pack-fixtures.py",
@@ -168,9 +283,11 @@ def record_tape(runner, pack_id: str, folder: Path = FIXTURES, *, progress: bool
         "rows": {"n": len(rows), "sha256": rows_sha256(rows), "ids": [e.id for e in rows]},
         "spot_rows": spot.tolist(),
         "token_logits": tokens,
+        **({"written": record, "dev_rows": dev_rows} if real is not None else {}),
     }
     if tokens:
-        replay = ReplayRunner(runner, Tape(meta, centre, x, x[spot], rows))
+        dev = tensors["dev_pooled"].numpy() if real is not None else None
+        replay = ReplayRunner(runner, Tape(meta, centre, x, x[spot], rows, dev=dev))
         meta["roles"], by_role = role_logits(replay, states, data, spec)
         for role, logits in by_role.items():
             lengths = [0 if t is None else len(t) for t in logits]
@@ -255,20 +372,31 @@ def bank_aggregate(pack: ProbePack, logits: list[np.ndarray]) -> np.ndarray:
         return torch.sigmoid(state.update(mask, prompt=True))[:, 0].numpy()
 
 
+def tape_meta(pack_id: str) -> dict:
+    return json.loads((FIXTURES / f"{pack_id}.json").read_text())
+
+
+def recorded_answers(ref: ProbePack) -> dict | None:
+    """A written recipe's answers as the tape records them (stand-ins); None for the others."""
+    return stand_ins(tape_meta(ref.manifest.id)["written"], recipe_requests(ref)) if written(ref) else None
+
+
 @dataclass
 class Tape:
     meta: dict
-    centre: np.ndarray  # float32 [d_model]
-    x: np.ndarray  # float32 [rows, d_model]: centre + float16 offset
+    centre: np.ndarray | None  # float32 [d_model]; None with `dev`
+    x: np.ndarray  # float32 [rows, d_model]: centre + float16 offset, or `dev` at its rows and NaN
     spot: np.ndarray  # float32 [spot rows, d_model], exactly as captured
     rows: list[Example]
     # with meta["token_logits"]: per role ("unit", "oof"; see `roles`), each row's token logits or None
     logits: dict[str, list[np.ndarray | None]] = field(default_factory=dict)
+    # a written recipe's: the training rows' pooled activations as the sweep read them (meta["dev_rows"])
+    dev: np.ndarray | None = None
 
     @classmethod
     def load(cls, pack_id: str, data: TrainData) -> Tape:
         """The recorded tape, once the recipe's rows are shown to be the ones it was recorded on."""
-        meta = json.loads((FIXTURES / f"{pack_id}.json").read_text())
+        meta = tape_meta(pack_id)
         t = load_file(FIXTURES / f"{pack_id}.safetensors")
         rows = tape_rows(data)
         sets = {name: {"n": len(v), "data_sha256": data_sha256(v)} for name, v in tape_sets(data).items()}
@@ -279,12 +407,22 @@ class Tape:
             flat, lengths = t[f"{role}_logits"].numpy(), t[f"{role}_lengths"].numpy()
             ends = np.cumsum(lengths)
             logits[role] = [flat[e - n:e] if n else None for e, n in zip(ends, lengths)]
+        if "dev_pooled" in t:  # no other row's activations are read: NaN shows a read of one
+            x = np.full((len(rows), t["dev_pooled"].shape[1]), np.nan, dtype=np.float32)
+            x[meta["dev_rows"]] = dev = t["dev_pooled"].numpy()
+            return cls(meta, None, x, t["spot"].numpy(), rows, logits, dev)
         return cls(meta, t["centre"].numpy(), (t["centre"] + t["offset"].float()).numpy(), t["spot"].numpy(), rows,
                    logits)
 
+    # a written recipe's spot rows as the model writes them again (`regenerate_spot`): the tape's are stand-ins
+    regenerated: list[Example] | None = None
+
     @property
     def spot_rows(self) -> list[Example]:
-        return [self.rows[i] for i in self.meta["spot_rows"]]
+        if self.regenerated is None:
+            return [self.rows[i] for i in self.meta["spot_rows"]]
+        by_id = {e.id: e for e in self.regenerated}
+        return [by_id[self.rows[i].id] for i in self.meta["spot_rows"]]
 
 
 class ReplayRunner:
@@ -305,6 +443,9 @@ class ReplayRunner:
 
     def capture(self, items: list[int], points, **_) -> dict:
         assert [str(p) for p in points] == [self.tape.meta["hook_point"]]
+        if self.tape.dev is not None:
+            assert list(items) == self.tape.meta["dev_rows"], "this tape holds the training rows' activations only"
+            return {(points[0], self.tape.meta["pool"]): self.tape.dev}
         return {(points[0], self.tape.meta["pool"]): self.tape.x[items]}
 
 
@@ -348,8 +489,9 @@ def assert_tape_is_the_model(runner, ref: ProbePack, tape: Tape, data: TrainData
     # 2e-3 at block 14 (float32 CPU); the recording batched rows of equal length together.
     live = capture(runner, tape.spot_rows, spec, batch_size=1)
     np.testing.assert_allclose(live, tape.spot, rtol=1e-4, atol=1e-4)
-    stored = tape.x[tape.meta["spot_rows"]]  # the float16 copy the replay uses, within its rounding
-    assert (np.abs(stored - tape.spot) <= np.abs(tape.spot - tape.centre) * 2**-10 + 1e-4).all()
+    if tape.centre is not None:
+        stored = tape.x[tape.meta["spot_rows"]]  # the float16 copy the replay uses, within its rounding
+        assert (np.abs(stored - tape.spot) <= np.abs(tape.spot - tape.centre) * 2**-10 + 1e-4).all()
     bank = train.bank_scores(runner, [ref], tape.spot_rows[::BANK_STRIDE], batch_size=1)[:, 0]
     if not tape.logits:
         replayed = probs(ref, torch.from_numpy(tape.spot[::BANK_STRIDE]), tape.meta)
@@ -372,25 +514,38 @@ def assert_tape_is_the_model(runner, ref: ProbePack, tape: Tape, data: TrainData
 @pytest.mark.parametrize("pack_id", PACKS)
 def test_recipe_reproduces_the_shipped_pack(pack_id, smollm2, monkeypatch):
     ref = shipped(pack_id, smollm2)
-    data, spec = recipe_inputs(ref)
+    data, spec = recipe_inputs(ref, recorded_answers(ref))
     prov = ref.manifest.provenance
-    assert (data_sha256(data.dev), data_sha256(data.calibration)) == (prov["data_sha256"], prov["calibration_sha256"])
     tape = Tape.load(pack_id, data)
+    if written(ref):  # the model writes the recorded answers: a batch of each part, the same text and label
+        tape.regenerated = regenerate_spot(smollm2, ref)
+        record = tape.meta["written"]
+        assert {e.id: [e.label, answer_sha256(e)] for e in tape.regenerated} == \
+            {i: record["rows"][i] for i in spot_ids(ref) if i in record["rows"]}
+        assert record["data_sha256"] == {"dev": prov["data_sha256"], "calibration": prov["calibration_sha256"]}
+    else:
+        assert (data_sha256(data.dev), data_sha256(data.calibration)) == \
+            (prov["data_sha256"], prov["calibration_sha256"])
     assert (tape.meta["hook_point"], tape.meta["pool"]) == (spec.hook_points[0], spec.pools[0])
     assert_swept_over_the_cli_grid(ref, smollm2)
     assert_tape_is_the_model(smollm2, ref, tape, data, spec)
 
     monkeypatch.setattr(train, "bank_scores", replay_scores)
     fresh, _ = train_pack(ReplayRunner(smollm2, tape), data, spec, progress=False)
-    assert fresh.manifest.provenance["data_sha256"] == prov["data_sha256"]
+    assert fresh.manifest.provenance["data_sha256"] == data_sha256(data.dev)
     chosen = prov["selection"]["chosen"]
     for key in [k for k in chosen if k == "cv_auroc" or k.startswith("loso_")]:
-        assert fresh.manifest.provenance["selection"]["chosen"][key] == pytest.approx(chosen[key], abs=1e-4), key
+        # the worst unit can be tiny (harmful_completion: 4 refusals of CatQA requests), where the tape's
+        # float16 rounding swapping two close scores moves its AUROC by 1/(4 x 1,171) = 2e-4
+        tol = 1e-3 if key == "loso_worst_unit_auroc" else 1e-4
+        assert fresh.manifest.provenance["selection"]["chosen"][key] == pytest.approx(chosen[key], abs=tol), key
     assert (fresh.manifest.description, fresh.manifest.enabled_by_default, fresh.manifest.reads) == \
         (ref.manifest.description, ref.manifest.enabled_by_default, ref.manifest.reads)
-    assert fresh.manifest.metrics.keys() == ref.manifest.metrics.keys()
+    # the catch curve is measured after training, by generating (test_the_catch_curve_is_what_the_model_writes)
+    sets = [k for k in ref.manifest.metrics if k != "catch_curve"]
+    assert fresh.manifest.metrics.keys() == set(sets)
     # the tape's float16 rounding moves a refit's weights by up to ~2e-4 (deception: 4,206 rows, C = 0.01)
-    assert_same_pack(fresh, ref, list(ref.manifest.metrics), weights_atol=5e-4)
+    assert_same_pack(fresh, ref, sets, weights_atol=5e-4)
 
 
 @FULL
@@ -414,6 +569,35 @@ def test_deception_recipe_reproduces_the_shipped_pack(smollm2, monkeypatch, tmp_
     assert fresh.manifest.provenance["selection"]["chosen"] == ref.manifest.provenance["selection"]["chosen"]
     assert_same_pack(fresh, ref, ["liedetector_qa"])
     assert json.loads((tmp_path / "d" / "manifest.json").read_text())["description"] == ref.manifest.description
+
+
+def test_the_catch_curve_is_what_the_model_writes(smollm2):
+    """harmful_completion's catch curve: its numbers are the recorded first hits', and the model
+    gives the first generation batch of each side of them again."""
+    ref, intent = shipped("harmful_completion", smollm2), shipped("harmful_intent", smollm2)
+    record = ref.manifest.provenance["catch_curve"]
+    assert ref.manifest.metrics["catch_curve"] == pytest.approx(
+        {k: v for k, v in CatchCurve(**record).summary().items() if v is not None})
+    wrapped, benign = catch_curve_requests(datasets_dir(None), ref.manifest.provenance["seed"])
+    by_id = {e.id: e for e in [*wrapped, *benign]}
+    harmful, benign = ([by_id[i] for i in record[f"{side}_ids"][:SPOT_BATCH]] for side in ("harmful", "benign"))
+    again = catch_curve(smollm2, intent, ref, harmful, benign, max_new_tokens=record["max_new_tokens"],
+                        batch_size=SPOT_BATCH)
+    assert again.let_through == len(harmful)  # each was let through on the prompt, and still is
+    assert (again.harmful, again.benign) == (record["harmful"][:SPOT_BATCH], record["benign"][:SPOT_BATCH])
+
+
+@FULL
+def test_harmful_completion_recipe_retrains_to_the_shipped_pack(smollm2, monkeypatch, tmp_path):
+    """The whole CLI recipe: the model answers every request again, then sweep, catch curve."""
+    monkeypatch.setattr(cli, "load_runner", lambda model, device: smollm2)
+    result = CliRunner().invoke(cli.app, ["train", "--recipe", "harmful_completion", "--out", str(tmp_path / "c")])
+    assert result.exit_code == 0, result.output
+    fresh, ref = ProbePack.load(tmp_path / "c"), shipped("harmful_completion", smollm2)
+    assert fresh.manifest.provenance["data_sha256"] == ref.manifest.provenance["data_sha256"]
+    assert fresh.manifest.provenance["selection"]["chosen"] == ref.manifest.provenance["selection"]["chosen"]
+    assert fresh.manifest.provenance["catch_curve"] == ref.manifest.provenance["catch_curve"]
+    assert_same_pack(fresh, ref, list(ref.manifest.metrics))
 
 
 # -------------------------------------------------------------------------- how they behave
