@@ -42,7 +42,7 @@ from monitor.interceptor import ErrorInterceptor, current
 from monitor.limits import Admission
 from monitor.metrics import Metrics
 from monitor.runner import Encoded, InputError, InputTooLong, ModelRunner
-from monitor.scheduler import Scheduler
+from monitor.scheduler import Scheduler, pin_mmap_threshold
 from monitor.snapshot import Snapshot, build_snapshot, detector_views
 from monitor.storage import StorageUnavailable, StorageWriter, get_alerts, get_interventions
 from monitor.streams import GenerateJob, GenerateStream
@@ -459,6 +459,7 @@ class Server:
 async def serve(settings: Settings, *, on_ready: Callable[[Server], None] | None = None,
                 runner: ModelRunner | None = None, reload_settings: Callable[[], Settings] | None = None) -> None:
     """Load the model, serve until SIGTERM/SIGINT, then shut down gracefully."""
+    pin_mmap_threshold()  # before the model's tensors are allocated
     if runner is None:
         runner = await asyncio.to_thread(ModelRunner.load, settings.model, device=settings.device,
                                          dtype=settings.dtype)

@@ -105,6 +105,18 @@ def test_the_model_thread_runs_at_a_lower_priority_than_the_event_loop():
     assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == here
 
 
+@pytest.mark.skipif(sys.platform != "linux", reason="glibc's allocator")
+@pytest.mark.parametrize("env, took", [({}, "True"), ({"MALLOC_MMAP_THRESHOLD_": "65536"}, "False")])
+def test_serving_pins_the_mmap_threshold_unless_the_operator_set_one(env, took):
+    """Left to adjust itself, glibc serves big tensors from a fragmenting heap (bench/soak.py)."""
+    import subprocess
+
+    env = {k: v for k, v in os.environ.items() if k != "MALLOC_MMAP_THRESHOLD_"} | env
+    out = subprocess.run([sys.executable, "-c", "from monitor.scheduler import pin_mmap_threshold as p; print(p())"],
+                         env=env, capture_output=True, text=True, timeout=120, check=True).stdout
+    assert out.strip() == took
+
+
 def test_the_model_thread_hands_freed_heap_back_between_steps():
     """glibc keeps freed tensor memory; without the trim a steady load grew RSS by MB a minute."""
     r, bank, m, s = make(score_wait_ms=0)
