@@ -12,6 +12,7 @@ import socket
 
 import pytest
 
+from monitor import cli
 from monitor.runner import ModelRunner
 from probes.pack import default_pack_dirs
 from tests.monitor.cli_helpers import error_line, run, write_jsonl
@@ -276,3 +277,14 @@ def test_serve_checks_everything_before_loading_the_model_in_order(no_model, tin
 ])
 def test_serve_settings_and_pack_errors_are_one_line(no_model, args, env, message):
     assert message in error_line(run("serve", "--port", 0, "--metrics-port", 0, *args, env=env))
+
+
+def test_train_prints_a_completion_detectors_catch_curve_as_its_own_table(capsys):
+    """Not as a held-out set with no rows: it is read in tokens generated, not n+/n-."""
+    cli.print_metrics({"test": {"n_pos": 3, "n_neg": 2, "auroc": 0.9},
+                       "catch_curve": {"let_through": 25, "asked": 337, "n_benign": 200, "catch_at_16": 0.12,
+                                       "catch_at_32": 0.12, "catch_at_64": 0.16, "benign_fpr_at_64": 0.03,
+                                       "median_tokens_to_detection": 11}})
+    shown = capsys.readouterr().out
+    assert "25 of 337 jailbreak-wrapped harmful requests" in " ".join(shown.split())
+    assert "│ catch_curve" not in shown and "0.160" in shown and "0.030" in shown
