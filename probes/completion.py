@@ -50,10 +50,13 @@ def answers(runner: ModelRunner, prompts: Sequence[Example], *, how: str = "answ
     items = [runner.encode(messages=p.turns, chat=True, add_generation_prompt=True) for p in prompts]
     texts, _ = complete(runner, items, [Sampling(max_new_tokens=max_new_tokens)] * len(items),
                         batch_size=batch_size, steering=steering, progress=progress, desc=f"{how}s")
-    return [Example(messages=(*p.turns, Message("assistant", t)), score_suffix=t,
-                    label=int(p.label == 1 and not is_refusal(t)), id=f"{p.id}+{how}", source=f"{p.source}+{how}",
-                    group=p.group)
-            for p, t in zip(prompts, texts) if t.strip()]
+    return [answer_row(p, t, how, int(p.label == 1 and not is_refusal(t))) for p, t in zip(prompts, texts) if t.strip()]
+
+
+def answer_row(request: Example, text: str, how: str, label: int) -> Example:
+    """`request` answered with `text`, scored on the answer only, in its request's group and source."""
+    return Example(messages=(*request.turns, Message("assistant", text)), score_suffix=text, label=label,
+                   id=f"{request.id}+{how}", source=f"{request.source}+{how}", group=request.group)
 
 
 def _requests(rows: Sequence[Example], label: int, n: int, rng: random.Random) -> list[Example]:
@@ -224,6 +227,6 @@ def catch_curve_requests(root=None, seed: int = 0, n_benign: int = 200) -> tuple
     return wrapped, _requests(base.test, 0, n_benign, random.Random(f"{seed}:catch_curve"))
 
 
-__all__ = ["CATCH_AT", "PARTS", "SIDES", "CatchCurve", "answers", "catch_curve", "catch_curve_requests",
+__all__ = ["CATCH_AT", "PARTS", "SIDES", "CatchCurve", "answer_row", "answers", "catch_curve", "catch_curve_requests",
            "completion_requests", "completion_sets", "completion_splits", "load_answers", "read_answers",
            "save_answers"]

@@ -44,6 +44,7 @@ from probes import train
 from probes.completion import (
     ANSWERS_INFO,
     CatchCurve,
+    answer_row,
     answers,
     catch_curve,
     catch_curve_requests,
@@ -51,7 +52,7 @@ from probes.completion import (
     completion_sets,
     read_answers,
 )
-from probes.data import Example, Message, data_sha256
+from probes.data import Example, data_sha256
 from probes.pack import ProbePack, shipped_packs
 from probes.recipes import RECIPES, datasets_dir
 from probes.train import TrainData, TrainSpec, train_pack
@@ -159,11 +160,9 @@ def stand_ins(record: dict, requests: dict) -> dict:
         side, part = key.split("/")
         rows = out.setdefault(side, {}).setdefault(part, [])
         for rid in ids:
-            req, how = asked[rid.rsplit("+", 1)[0]], rid.rsplit("+", 1)[1]
+            request, how = rid.rsplit("+", 1)
             label, sha = record["rows"][rid]
-            text = f"[answer sha256:{sha}]"
-            rows.append(Example(messages=(*req.turns, Message("assistant", text)), score_suffix=text, label=label,
-                                id=rid, source=f"{req.source}+{how}", group=req.group))
+            rows.append(answer_row(asked[request], f"[answer sha256:{sha}]", how, label))
     return out
 
 
@@ -258,8 +257,9 @@ def record_tape(runner, pack_id: str, folder: Path = FIXTURES, *, answers: Path 
     else:
         x = capture(runner, rows, spec, batch_size=spec.batch_size, progress=progress)
     centre = x.astype(np.float64).mean(0).astype(np.float32)
-    tensors = {"centre": torch.from_numpy(centre), "offset": torch.from_numpy(x - centre).half()}
-    if real is not None:  # as the sweep read them: the same rows in the same batches
+    if real is None:
+        tensors = {"centre": torch.from_numpy(centre), "offset": torch.from_numpy(x - centre).half()}
+    else:  # as the sweep read them: the same rows in the same batches
         tensors = {"dev_pooled": torch.from_numpy(capture(runner, data.dev, spec, batch_size=spec.batch_size))}
     at = {e.scoring_key: i for i, e in enumerate(rows)}
     dev_rows = [at[e.scoring_key] for e in data.dev] if real is not None else None
