@@ -8,8 +8,11 @@ fewer. Two bursts, each measured by a client in this process (the server runs in
 
 Baseline, same run and machine: a bare `grpc.aio` server that refuses every Generate with
 RESOURCE_EXHAUSTED and does nothing else, hit by the same burst; refusal times are printed as a
-ratio to it. Each burst runs `--bursts` times (one burst's slowest refusal swings by tens of ms
-on a small machine). Exits 1 if an admitted stream failed or a refusal took >= 100 ms.
+ratio to it. Beside each client-side figure, the server's own time for the same refusals (its
+access log's `latency_ms`: interceptor entry to abort) says how much of the wait is the refusal
+path and how much is the call waiting to reach it (event loop, CPU, client). Each burst runs
+`--bursts` times (one burst's slowest refusal swings by tens of ms on a small machine). Exits 1
+if an admitted stream failed or a refusal took >= 100 ms.
 
     .venv/bin/python bench/overload.py [--streams 200 --in-flight 16 --queue 32 --bursts 3]
                                        [--model PATH --pack DIR]
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import signal
 import subprocess
@@ -105,6 +109,16 @@ def slowest(bursts: list[list]) -> str:
     return ", ".join(f"{1000 * max(refusals(b), default=0):.0f}" for b in bursts) + " ms"
 
 
+def server_refusals_ms(log: str) -> list[float]:
+    """The access log's own latency for every RESOURCE_EXHAUSTED answer in `log` (JSON lines)."""
+    lines = (json.loads(line) for line in log.splitlines() if line.startswith("{"))
+    return [d["latency_ms"] for d in lines if d.get("outcome") == "resource_exhausted"]
+
+
+def describe_ms(ms: list[float]) -> str:
+    return f"p50 {np.median(ms):.2f} ms, max {max(ms):.2f} ms" if ms else "none logged"
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--streams", type=int, default=200)
@@ -130,17 +144,21 @@ def main() -> int:
         bare.wait()
 
     extra = (["--model", args.model] if args.model else []) + [a for p in args.pack or [] for a in ("--pack", p)]
-    srv = ServeProcess("--db", "sqlite:////tmp/latentwatch-overload.db", *extra,
+    srv = ServeProcess("--db", "sqlite:////tmp/latentwatch-overload.db", "--log-format", "json", *extra,
                        env={"LATENTWATCH_GENERATE__MAX_BATCH": str(args.in_flight),
                             "LATENTWATCH_GENERATE__MAX_QUEUE": str(args.queue)})
-    admitted, full, idle = [], [], []
+    admitted, full, idle, full_ms, idle_ms = [], [], [], [], []
     try:
         before = memory_mb(srv.proc.pid)["VmRSS"]
         for _ in range(args.bursts):
+            mark = len(srv.output())
             first, late = asyncio.run(storm(srv.target, args.streams, args.tokens, held, args.in_flight))
             admitted += first
             full.append(late)
+            full_ms += server_refusals_ms(srv.output()[mark:])
+            mark = len(srv.output())
             idle.append(asyncio.run(storm(srv.target, args.streams, args.tokens))[1])
+            idle_ms += server_refusals_ms(srv.output()[mark:])
         after = memory_mb(srv.proc.pid)["VmRSS"]
     finally:
         srv.signal(signal.SIGTERM)
@@ -160,9 +178,11 @@ def main() -> int:
     print(f"  baseline          bare grpc.aio server refusing all: {describe(base_t)}"
           f"\n                    slowest per burst {slowest(base)}")
     print(f"  into full server  {held} admitted first, then {args.streams - held} at once: refused {describe(full_t)}"
-          f"\n                    slowest per burst {slowest(full)}; {ratio(full_t)}")
+          f"\n                    slowest per burst {slowest(full)}; {ratio(full_t)}"
+          f"\n                    server side (interceptor to abort): {describe_ms(full_ms)}")
     print(f"  from idle         {args.streams} at once: refused {describe(idle_t)}"
-          f"\n                    slowest per burst {slowest(idle)}; {ratio(idle_t)}")
+          f"\n                    slowest per burst {slowest(idle)}; {ratio(idle_t)}"
+          f"\n                    server side (interceptor to abort): {describe_ms(idle_ms)}")
     want = 2 * held * args.bursts
     print(f"  finished          {len(finished)} of {want} admitted (slowest {max(finished, default=0):.1f} s)")
     print(f"  other codes       {other or 'none'}")
